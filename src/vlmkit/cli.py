@@ -1,0 +1,250 @@
+"""The ``vlmkit`` command line: one dispatch table, ``--help`` on every command.
+
+``vlmkit train | demo | eval | chat | list`` (also ``python -m vlmkit ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("vlmkit")
+
+
+# ---------------------------------------------------------------------------------------------
+# list
+
+def _rows_encoders() -> list[tuple[str, ...]]:
+    from vlmkit.models.vision import VISION_TOWERS
+
+    return [(n, s.layout, "yes" if s.has_cls else "no", s.description, s.example) for n, s in VISION_TOWERS.items()]
+
+
+def _rows_connectors() -> list[tuple[str, ...]]:
+    from vlmkit.models.connectors import CONNECTORS
+
+    rows = []
+    for name, factory in CONNECTORS.items():
+        doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
+        rows.append((name, doc[0] if doc and not name.startswith("mlp") else f"{name[3]} linear layers with GELU (LLaVA-1.5 for mlp2x)"))
+    return rows
+
+
+def _rows_backbones() -> list[tuple[str, ...]]:
+    from vlmkit.models.language import BACKBONES
+
+    return [(n, s.kind, ",".join(s.model_types), s.sizes, s.default_template, s.used_by) for n, s in BACKBONES.items()]
+
+
+def _rows_templates() -> list[tuple[str, ...]]:
+    from vlmkit.processing.templates import TEMPLATES
+
+    rows = []
+    for name, t in TEMPLATES.items():
+        what = "the tokenizer's own Jinja chat template" if name == "tokenizer" else f"stops at {', '.join(t.stop) or '-'}"
+        rows.append((name, what))
+    return rows
+
+
+def _rows_recipes() -> list[tuple[str, ...]]:
+    from vlmkit.recipes import list_recipes, recipe_description
+
+    return [(n, recipe_description(n)) for n in list_recipes()]
+
+
+LISTS: dict[str, tuple[tuple[str, ...], Callable[[], list[tuple[str, ...]]]]] = {
+    "encoders": (("id", "layout", "cls", "description", "example checkpoint"), _rows_encoders),
+    "connectors": (("id", "description"), _rows_connectors),
+    "backbones": (("family", "kind", "model_type", "sizes", "template", "used by"), _rows_backbones),
+    "templates": (("id", "notes"), _rows_templates),
+    "recipes": (("recipe", "description"), _rows_recipes),
+}
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for line in (header, tuple("-" * w for w in widths), *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    header, rows = LISTS[args.what]
+    print_table(header, rows())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train / demo
+
+def _setup_console_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    for noisy in ("transformers", "accelerate", "peft", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlmkit.config import load_recipe
+    from vlmkit.training.run import run_training
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    stages = args.stages.split(",") if args.stages else None
+    summary = run_training(recipe, only_stages=stages, evaluate=not args.no_eval)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary) -> None:
+    print(f"\nrun folder: {summary.output_dir}")
+    for name, info in summary.stages.items():
+        reused = " (reused from disk)" if info.get("reused") else ""
+        print(f"  stage {name:<10} {info.get('steps', '?')} steps, final loss {info.get('final_loss', float('nan')):.4f}, "
+              f"{info.get('seconds', 0):.0f} s{reused}")
+    if summary.model_dir:
+        print(f"  model: {summary.model_dir}")
+    if summary.eval:
+        e = summary.eval
+        print(f"  easy-VQA test accuracy: {100 * e['accuracy']:.2f}% ({e['correct']}/{e['total']}); "
+              f"majority-answer baseline {100 * e['majority_baseline']:.2f}%")
+        for kind, acc in e["per_type"].items():
+            print(f"    {kind:<24} {100 * acc:6.2f}%")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlmkit.config import load_recipe
+    from vlmkit.data.easyvqa import load_questions
+    from vlmkit.inference.pipeline import VLMPipeline
+    from vlmkit.training.run import run_training
+
+    started = time.perf_counter()
+    recipe = load_recipe("easyvqa-tiny", [f"train.output_dir={args.output_dir}", *args.overrides])
+    summary = run_training(recipe)
+    _print_summary(summary)
+    pipe = VLMPipeline.from_pretrained(summary.model_dir)
+    questions = [q for q in load_questions("test") if q.image_id == args.image_id]
+    if not questions:
+        raise ValueError(f"--image-id {args.image_id} is not an easy-VQA test image (valid: 0..999)")
+    print(f"\nOne test image never seen in training: {questions[0].image_path}")
+    for q in questions[: args.questions]:
+        answer = pipe.chat(q.image_path, q.text, max_new_tokens=4)
+        print(f"  Q: {q.text:<45} A: {answer:<10} (reference: {q.answer})")
+    print(f"\ndemo wall time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval / chat
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlmkit.evaluation.easyvqa import evaluate_easyvqa
+    from vlmkit.inference.pipeline import VLMPipeline
+
+    if args.task != "easyvqa":
+        raise ValueError(f"unknown task {args.task!r}; valid: easyvqa")
+    pipe = VLMPipeline.from_pretrained(args.model, device=args.device)
+    scores, predictions, items = evaluate_easyvqa(pipe, args.split, args.batch_size, args.limit, args.max_new_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    with (out / "predictions.jsonl").open("w") as fh:
+        for it, p in zip(items, predictions):
+            fh.write(json.dumps({"id": it.id, "question": it.prompt, "answer": it.answers[0], "prediction": p}) + "\n")
+    print(f"easy-VQA {args.split}: accuracy {100 * scores['accuracy']:.2f}% ({scores['correct']}/{scores['total']}) -> {out}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from vlmkit.inference.chat import run_repl
+    from vlmkit.inference.pipeline import VLMPipeline
+
+    pipe = VLMPipeline.from_pretrained(args.model, device=args.device)
+    settings = {"max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache, "seed": args.seed}
+    if args.temperature > 0:
+        settings.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    if args.prompt:
+        print(pipe.chat(args.image, " ".join(args.prompt), **settings))
+        return 0
+    return run_repl(pipe, args.image, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and chat with multimodal LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step, not only stage summaries")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run (or resume) a recipe's stages", description="Run or resume a recipe: stages, final model, evaluation.")
+    p.add_argument("recipe", help="shipped recipe name (vlmkit list recipes) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=3 stages.instruct.lr=2e-4")
+    p.add_argument("--stages", help="comma-separated stages to run; earlier ones must be complete")
+    p.add_argument("--no-eval", action="store_true", help="skip the recipe's evaluation")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train the embedded easy-VQA model, evaluate it and answer a question",
+                       description="Train easyvqa-tiny on easy-VQA (downloads nothing), evaluate on the 1,000-image test split, answer questions.")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the easyvqa-tiny recipe")
+    p.add_argument("--output-dir", default="runs/easyvqa-tiny", help="run folder (default: %(default)s)")
+    p.add_argument("--image-id", type=int, default=0, help="test image to ask about (default: %(default)s)")
+    p.add_argument("--questions", type=int, default=4, help="how many of its questions to ask (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="evaluate a saved model", description="Evaluate a saved model on a task.")
+    p.add_argument("--model", required=True, help="model folder (e.g. runs/easyvqa-tiny/model)")
+    p.add_argument("--task", default="easyvqa", help="task name (default: %(default)s)")
+    p.add_argument("--split", default="test", help="data split (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    p.add_argument("--out", default="eval-out", help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="ask a saved model about an image", description="Answer a prompt about an image; an interactive session when no prompt is given.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--image", default=None, help="image file")
+    p.add_argument("prompt", nargs="*", help="the question; omit for an interactive session")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="disable the KV cache (slower; for checks)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("list", help="print what a registry holds", description="Print a registry.")
+    p.add_argument("what", choices=sorted(LISTS), help="which registry")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_console_logging(args.verbose)
+    from vlmkit.config import ConfigError
+    from vlmkit.data.sources import DataError
+    from vlmkit.registry import RegistryError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RegistryError, FileNotFoundError, ValueError) as exc:
+        print(f"vlmkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Encoded datasets, resumable batch order and collation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from vlmkit.data.sources import SOURCES, DataError, Sample, SourceResult
+from vlmkit.config import DataConfig
+from vlmkit.processing.image import ImageError, load_image
+from vlmkit.processing.processor import EncodingError, VLMProcessor
+from vlmkit.processing.templates import ChatTemplate, TemplateError
+
+log = logging.getLogger("vlmkit")
+
+
+def load_source(cfg: DataConfig) -> SourceResult:
+    """Run the configured source (``data.source``) and log how many rows were skipped and why."""
+    result = SOURCES.get(cfg.source)(cfg)
+    if result.skipped:
+        log.warning("data: skipped %d bad row(s) of %s; first: %s", len(result.skipped), cfg.path or cfg.source, result.skipped[0])
+    if not result.samples:
+        raise DataError(f"data source {cfg.source!r} ({cfg.path or cfg.split}) produced no samples")
+    return result
+
+
+class ConversationDataset(Dataset):
+    """Encodes samples on access. ``__getitem__`` returns an ``Encoded`` or, for a bad row when
+    ``skip_bad_rows`` is set, ``None`` (the collate function drops and counts it).
+
+    Args:
+        samples: validated conversations.
+        processor: encodes them.
+        template: template for this data (e.g. ``plain`` in stage 1); ``None`` uses the processor's.
+        skip_bad_rows: skip rows whose image cannot be read or whose encoding fails.
+        cache_images: keep transformed image tensors in memory by path.
+
+    Raises (from ``__getitem__`` without ``skip_bad_rows``):
+        DataError: naming the sample's file/row and the problem.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        processor: VLMProcessor,
+        template: ChatTemplate | None = None,
+        skip_bad_rows: bool = False,
+        cache_images: bool = False,
+    ):
+        self.samples = samples
+        self.processor = processor
+        self.template = template
+        self.skip_bad_rows = skip_bad_rows
+        self.cache: dict[str, torch.Tensor] | None = {} if cache_images else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _pixels(self, path: str) -> torch.Tensor:
+        if self.cache is not None and path in self.cache:
+            return self.cache[path]
+        pixels = self.processor.image_transform(load_image(path))
+        if self.cache is not None:
+            self.cache[path] = pixels
+        return pixels
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            images = [self._pixels(p) for p in sample.images]
+            return self.processor.encode(sample.messages, images, template=self.template)
+        except (ImageError, EncodingError, TemplateError) as exc:
+            if self.skip_bad_rows:
+                return None
+            raise DataError(f"{sample.origin}: {exc} (set data.skip_bad_rows=true to skip such rows)") from None
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Shuffled batches whose order depends only on ``(seed, epoch)``, starting at ``start_batch``.
+
+    The permutation for an epoch is drawn from its own generator, so a resumed run sees exactly the
+    batches an uninterrupted run would have seen from that point.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0, drop_last: bool = False):
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
+        self.start_batch, self.drop_last = start_batch, drop_last
+
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=gen).tolist()
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+class Collator:
+    """Drops skipped (``None``) samples, pads the rest and records how many were skipped."""
+
+    def __init__(self, processor: VLMProcessor, padding_side: str = "right"):
+        self.processor = processor
+        self.padding_side = padding_side
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        kept = [x for x in items if x is not None]
+        batch: dict[str, Any] = self.processor.collate(kept, self.padding_side) if kept else {}
+        batch["num_skipped"] = len(items) - len(kept)
+        batch["num_samples"] = len(kept)
+        return batch

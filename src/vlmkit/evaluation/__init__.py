@@ -1,0 +1,1 @@
+"""Evaluation: tasks, metrics and the batched prediction runner."""

@@ -1,0 +1,1 @@
+"""Model parts and the VisionLanguageModel that wires them."""

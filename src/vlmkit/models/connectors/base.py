@@ -1,0 +1,70 @@
+"""Connector interface and registry.
+
+A connector maps visual tokens ``(B, N, D_vision)`` to ``(B, M, D_language)``. Every connector is
+built by the same call, ``factory(in_dim, out_dim, num_input_tokens, **options)``, and reports how
+many tokens it emits so the processor can expand the image placeholder to exactly that many.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vlmkit.registry import Registry
+
+ConnectorFactory = Callable[..., "Connector"]
+CONNECTORS: Registry[ConnectorFactory] = Registry("connector")
+
+
+class Connector(nn.Module, abc.ABC):
+    """Base class: subclasses set ``num_output_tokens`` and implement ``forward``."""
+
+    num_output_tokens: int
+
+    @abc.abstractmethod
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, N, D_vision)`` to ``(B, num_output_tokens, D_language)``."""
+
+
+class TokenMerge(nn.Module):
+    """Concatenate each ``k x k`` block of a square token grid into one token (pixel-unshuffle).
+
+    Reduces ``N`` tokens of width ``D`` to ``N / k^2`` tokens of width ``D * k^2`` without losing
+    information, as InternVL and Idefics3 do before their projectors.
+
+    Shapes: ``(B, N, D) -> (B, N / k^2, D * k^2)`` with ``N = S^2`` and ``S % k == 0``.
+
+    Raises:
+        ValueError: at build time if ``num_input_tokens`` is not a square whose side ``k`` divides.
+    """
+
+    def __init__(self, factor: int, num_input_tokens: int):
+        super().__init__()
+        side = math.isqrt(num_input_tokens)
+        if factor < 1 or side * side != num_input_tokens or side % factor:
+            raise ValueError(
+                f"connector option merge={factor} needs a square token grid whose side it divides; "
+                f"the vision encoder emits {num_input_tokens} tokens"
+                + (f" ({side}x{side})" if side * side == num_input_tokens else " (not a square)")
+            )
+        self.factor = factor
+        self.side = side
+        self.num_output_tokens = num_input_tokens // (factor * factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factor == 1:
+            return x
+        b, n, d = x.shape
+        k, s = self.factor, self.side
+        x = x.reshape(b, s // k, k, s // k, k, d).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (s // k) ** 2, k * k * d)
+
+
+def check_dims(name: str, in_dim: int, out_dim: int) -> None:
+    """Raise a build-time error for non-positive widths instead of failing deep in a matmul."""
+    if in_dim <= 0 or out_dim <= 0:
+        raise ValueError(f"connector {name!r} needs positive widths, got vision {in_dim} -> language {out_dim}")

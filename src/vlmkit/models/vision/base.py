@@ -1,0 +1,135 @@
+"""The vision encoder interface: a Hugging Face vision tower that returns a sequence of visual tokens.
+
+Two layouts cover every tower transformers ships:
+
+* ``sequence`` towers (CLIP, SigLIP, ViT, DINOv2): hidden states are ``(B, T, D)``; a CLS token,
+  when the tower has one, can be dropped (LLaVA's ``patch`` selection).
+* ``grid`` towers (ResNet, ConvNeXt, BiT): hidden states are feature maps ``(B, C, H, W)``; the
+  chosen stage's map becomes ``H*W`` tokens of width ``C``, row-major.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vlmkit.registry import Registry
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class VisionTowerSpec:
+    """How to build and read one family of Hugging Face vision towers.
+
+    Attributes:
+        name: registry id.
+        model_class: transformers class of the tower (``CLIPVisionModel``...).
+        config_class: transformers config class used to build a tower from scratch.
+        model_types: ``model_type`` values this family accepts; a composite config whose
+            ``vision_config`` has one of them (e.g. a full ``clip`` config) is accepted too.
+        layout: ``sequence`` or ``grid`` (see module docstring).
+        has_cls: the tower prepends a CLS token to its sequence.
+        mean: default normalisation mean when no preprocessor config is found.
+        std: default normalisation std.
+        description: one line for ``vlmkit list encoders``.
+        example: a real checkpoint of this family.
+    """
+
+    name: str
+    model_class: str
+    config_class: str
+    model_types: tuple[str, ...]
+    layout: str
+    has_cls: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    description: str
+    example: str = ""
+    default_config: dict = field(default_factory=dict)
+
+
+VISION_TOWERS: Registry[VisionTowerSpec] = Registry("vision encoder")
+
+
+class VisionEncoder(nn.Module):
+    """Wraps a vision tower and returns the visual tokens of one chosen layer.
+
+    Args:
+        tower: the Hugging Face vision model.
+        spec: its family spec (layout, CLS).
+        feature_layer: index into the tower's hidden states (-1 last, -2 penultimate). For grid
+            towers the hidden states are the stem output followed by each stage.
+        drop_cls: drop the CLS token of sequence towers that have one.
+        image_size: the square input resolution the processor produces.
+        image_mean / image_std: normalisation the processor applies.
+
+    Shapes:
+        ``forward(pixel_values: (B, 3, S, S)) -> (B, num_tokens, hidden_size)``.
+    """
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        spec: VisionTowerSpec,
+        feature_layer: int,
+        drop_cls: bool,
+        image_size: int,
+        image_mean: tuple[float, float, float],
+        image_std: tuple[float, float, float],
+    ):
+        super().__init__()
+        self.tower = tower
+        self.spec = spec
+        self.feature_layer = feature_layer
+        self.drop_cls = drop_cls and spec.has_cls
+        self.image_size = image_size
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.num_tokens, self.hidden_size = self._probe_shape()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
+    def _check_layer(self, n: int) -> None:
+        if not -n <= self.feature_layer < n:
+            raise ValueError(
+                f"model.vision.feature_layer={self.feature_layer} is out of range: this "
+                f"{self.spec.name} tower exposes {n} hidden states (valid: {-n}..{n - 1})"
+            )
+
+    def _select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        self._check_layer(len(hidden_states))
+        feats = hidden_states[self.feature_layer]
+        if self.spec.layout == "grid":
+            return feats.flatten(2).transpose(1, 2)
+        return feats[:, 1:] if self.drop_cls else feats
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens ``(B, N, D)`` for images ``(B, 3, S, S)``."""
+        out = self.tower(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        return self._select(out.hidden_states)
+
+    def _probe_shape(self) -> tuple[int, int]:
+        config = self.tower.config
+        if self.spec.layout == "sequence" and hasattr(config, "patch_size"):
+            # exact for square inputs; avoids a forward pass through large pretrained towers
+            self._check_layer(config.num_hidden_layers + 1)
+            side = self.image_size // config.patch_size
+            extra = 1 if self.spec.has_cls and not self.drop_cls else 0
+            return side * side + extra, config.hidden_size
+        with torch.no_grad():
+            p = next(self.tower.parameters())
+            probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=p.dtype, device=p.device)
+            was_training = self.tower.training
+            self.tower.eval()
+            feats = self.forward(probe)
+            self.tower.train(was_training)
+        return feats.shape[1], feats.shape[2]

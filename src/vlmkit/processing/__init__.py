@@ -1,0 +1,1 @@
+"""Images, chat templates, tokenizers and the processor."""

@@ -1,0 +1,119 @@
+"""Image loading and transforms: any PIL mode to RGB, EXIF orientation, resize/crop or pad, normalise.
+
+Transforms are written with Pillow and torch (no torchvision). ``crop`` matches CLIP's processor
+(shortest side to ``size`` with bicubic resampling, then a center crop); ``pad`` is LLaVA-1.5's
+``expand2square``: pad the short side with the mean colour, then resize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image could not be read; the message names the file."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow image to 8-bit RGB.
+
+    Handles: palette (``P``, transparency included), ``RGBA``/``LA`` (composited on white so
+    transparent pixels do not turn black), grey ``L``/``1``, ``CMYK``, ``YCbCr``, 16/32-bit
+    ``I;16``/``I``/``F`` greyscale (scaled by their actual range, not clipped at 255).
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if mode in ("I", "F") and arr.max() <= 255 and arr.min() >= 0:
+            top = 255.0
+        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied.
+
+    Raises:
+        ImageError: the file is missing, unreadable or not an image (the message names the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"image file {path} could not be decoded: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """RGB image -> normalised tensor ``(3, size, size)`` (float32).
+
+    Args:
+        size: output side in pixels.
+        mean / std: per-channel normalisation (0-1 scale).
+        aspect: ``crop`` (resize shortest side, center-crop) or ``pad`` (pad to square with the mean
+            colour, then resize).
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    aspect: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ("crop", "pad"):
+            raise ValueError(f"image aspect {self.aspect!r} is not valid; choose 'crop' or 'pad'")
+
+    def geometry(self, image: Image.Image) -> Image.Image:
+        """Resize/crop or pad+resize to ``size x size`` (still a PIL image)."""
+        image = to_rgb(image)
+        if self.aspect == "pad":
+            w, h = image.size
+            if w != h:
+                side = max(w, h)
+                fill = tuple(int(round(m * 255)) for m in self.mean)
+                canvas = Image.new("RGB", (side, side), fill)
+                canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+                image = canvas
+            if image.size != (self.size, self.size):
+                image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+            return image
+        w, h = image.size
+        if min(w, h) != self.size:
+            # same arithmetic as transformers' resize(shortest_edge): the long side is truncated
+            new = (self.size, int(self.size * h / w)) if w <= h else (int(self.size * w / h), self.size)
+            image = image.resize(new, Image.Resampling.BICUBIC)
+            w, h = image.size
+        left = (w - self.size) // 2
+        top = (h - self.size) // 2
+        if (left, top, w, h) != (0, 0, self.size, self.size):
+            image = image.crop((left, top, left + self.size, top + self.size))
+        return image
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Normalised pixels ``(3, size, size)``."""
+        arr = np.asarray(self.geometry(image), dtype=np.float32) / 255.0
+        pixels = torch.from_numpy(arr).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (pixels - mean) / std

@@ -1,0 +1,68 @@
+"""Trainability policies: a stage declares, per part, frozen / full / lora; this applies it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from vlmkit.config import LoraSettings
+from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.training.lora import apply_lora, has_lora
+
+log = logging.getLogger("vlmkit")
+
+
+@dataclass(frozen=True)
+class PartReport:
+    """Parameter counts of one part after a policy is applied."""
+
+    part: str
+    policy: str
+    total: int
+    trainable: int
+
+
+def apply_policy(model: VisionLanguageModel, policy: dict[str, str], lora: LoraSettings) -> list[PartReport]:
+    """Set ``requires_grad`` (and LoRA adapters) so exactly the declared parts train.
+
+    Frozen parts are put in eval mode so normalisation statistics and dropout do not change them.
+
+    Raises:
+        ValueError: ``lora`` requested for the connector (it is small; train it ``full``).
+    """
+    reports = []
+    for name, part in model.parts().items():
+        mode = policy.get(name, "frozen")
+        if mode == "lora":
+            if name == "connector":
+                raise ValueError("policy connector=lora is not supported; the connector is small, use 'full' or 'frozen'")
+            if not has_lora(part):
+                for p in part.parameters():
+                    p.requires_grad_(False)
+                targets = part.spec.lora_targets if name == "language" else None
+                apply_lora(part, lora, targets)
+        else:
+            for p in part.parameters():
+                p.requires_grad_(mode == "full")
+        total = sum(p.numel() for p in part.parameters())
+        trainable = sum(p.numel() for p in part.parameters() if p.requires_grad)
+        reports.append(PartReport(name, mode, total, trainable))
+    set_train_modes(model, policy)
+    return reports
+
+
+def format_policy(stage: str, reports: list[PartReport]) -> str:
+    """One table of the policy with parameter counts, logged once per stage."""
+    lines = [f"stage {stage!r} trainability:"]
+    for r in reports:
+        lines.append(f"  {r.part:<10} {r.policy:<7} {r.trainable:>13,} / {r.total:>13,} trainable")
+    total = sum(r.total for r in reports)
+    trainable = sum(r.trainable for r in reports)
+    lines.append(f"  {'total':<10} {'':<7} {trainable:>13,} / {total:>13,} trainable ({100 * trainable / max(total, 1):.2f}%)")
+    return "\n".join(lines)
+
+
+def set_train_modes(model: VisionLanguageModel, policy: dict[str, str]) -> None:
+    """Training mode for parts that train, eval mode for frozen ones (no BatchNorm/dropout drift)."""
+    for name, part in model.parts().items():
+        part.train(policy.get(name, "frozen") != "frozen")

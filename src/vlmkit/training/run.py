@@ -1,0 +1,197 @@
+"""A training run: every stage of a recipe in order, resumable, then the final model and evaluation.
+
+Run folder::
+
+    config.yaml            the resolved recipe (the overrides applied)
+    train.log              everything logged
+    tokenizer/             a tokenizer trained for this run (models from scratch)
+    stages/<name>/         metrics.jsonl, loss.png, policy.txt, checkpoints/, the stage's trained parts
+    model/                 the final model (LoRA merged), loadable with ``vlmkit.load``
+    eval.json              evaluation scores, when the recipe has an ``eval`` section
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from vlmkit.config import ConfigError, RecipeConfig, save_yaml, to_dict
+from vlmkit.data import ConversationDataset, iter_texts, load_source
+from vlmkit.models.build import build_model, save_model
+from vlmkit.processing.templates import TEMPLATES
+from vlmkit.processing.tokenizer import load_tokenizer
+from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
+from vlmkit.training.trainer import train_stage
+
+log = logging.getLogger("vlmkit")
+
+
+@dataclass
+class RunSummary:
+    """What a run produced: per-stage results, the final model folder, evaluation scores."""
+
+    output_dir: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_dir: Path | None = None
+    eval: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.DEBUG:
+        log.setLevel(logging.DEBUG)
+    return handler
+
+
+def _check_same_config(out: Path, recipe: RecipeConfig) -> None:
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    old = yaml.safe_load(path.read_text())
+    new = to_dict(recipe)
+    if old == new:
+        return
+    diffs = _diff(old, new)
+    if any(is_complete(out / "stages" / s.name) for s in recipe.stages) or list((out / "stages").glob("*/checkpoints/step-*")):
+        raise ConfigError(
+            f"{out} holds a run of a different config (differs at: {', '.join(diffs[:8])}); resuming it would mix "
+            "the two. Use another train.output_dir, or delete the folder to start over."
+        )
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{prefix}.{i}")]
+    return [] if a == b else [prefix or "(root)"]
+
+
+def run_training(
+    recipe: RecipeConfig,
+    only_stages: list[str] | None = None,
+    stop_after: int | None = None,
+    evaluate: bool = True,
+) -> RunSummary:
+    """Run (or resume) a recipe. Completed stages are re-applied from disk, not retrained.
+
+    Args:
+        only_stages: train only these stages; earlier stages must already be complete.
+        stop_after: stop after this many optimizer steps of the first stage that trains (tests).
+        evaluate: run the recipe's ``eval`` section after the last stage.
+
+    Raises:
+        ConfigError: the run folder holds a different config, no stages, or an unknown stage name.
+    """
+    if not recipe.stages:
+        raise ConfigError("the recipe has no stages")
+    names = [s.name for s in recipe.stages]
+    for name in only_stages or []:
+        if name not in names:
+            raise ConfigError(f"unknown stage {name!r}; stages of this recipe: {', '.join(names)}")
+    started = time.perf_counter()
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out, recipe)
+    save_yaml(recipe, out / "config.yaml")
+    handler = _attach_log_file(out / "train.log")
+    try:
+        return _run(recipe, out, only_stages, stop_after, evaluate, started)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, evaluate: bool, started: float) -> RunSummary:
+    train = recipe.train
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    accelerator = Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no")
+    sources = {s.name: load_source(s.data) for s in recipe.stages}
+
+    tok_dir = out / "tokenizer"
+    tokenizer = None
+    if recipe.model.language.tokenizer.train_vocab_size:
+        if tok_dir.is_dir():
+            tokenizer = load_tokenizer(str(tok_dir))
+        else:
+            from vlmkit.processing.tokenizer import train_bpe_tokenizer
+
+            texts = []
+            for stage in recipe.stages:
+                name = stage.data.template or recipe.model.template
+                template = TEMPLATES.get(name) if name in TEMPLATES else None
+                texts += iter_texts(sources[stage.name].samples, template, recipe.model.system_prompt)
+            tokenizer = train_bpe_tokenizer(texts, recipe.model.language.tokenizer.train_vocab_size)
+            tokenizer.save_pretrained(tok_dir)
+            log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(tokenizer), len(texts), tok_dir)
+
+    set_seed(train.seed)
+    model, processor = build_model(recipe.model, tokenizer)
+    model.to(accelerator.device)
+    log.info("model: %s tower -> %s connector (%d visual tokens per image) -> %s LM; %s parameters",
+             recipe.model.vision.encoder, recipe.model.connector.type, model.num_image_tokens,
+             recipe.model.language.backbone, f"{sum(p.numel() for p in model.parameters()):,}")
+    summary = RunSummary(out)
+    stop_left = stop_after
+    for index, stage in enumerate(recipe.stages):
+        folder = out / "stages" / stage.name
+        if is_complete(folder):
+            apply_stage_output(model, folder)
+            model.to(accelerator.device)
+            summary.stages[stage.name] = json.loads((folder / "stage.json").read_text()) | {"reused": True}
+            log.info("stage %r: already complete, loaded its outputs from %s", stage.name, folder)
+            continue
+        if only_stages and stage.name not in only_stages:
+            raise ConfigError(
+                f"stage {stage.name!r} has not been run in {out}; run it first (or include it in --stages)"
+            )
+        template = TEMPLATES.get(stage.data.template) if stage.data.template else None
+        dataset = ConversationDataset(sources[stage.name].samples, processor, template, stage.data.skip_bad_rows, stage.data.cache_images)
+        set_seed(train.seed + 1000 * (index + 1))
+        log.info("stage %r: %d samples, %s", stage.name, len(dataset), stage.policy)
+        result = train_stage(model, dataset, stage, train, folder, accelerator, stop_left, stage.data.num_workers)
+        stop_left = None
+        save_stage_output(model, stage.policy, folder, result)
+        summary.stages[stage.name] = {"steps": result.steps, "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
+                                      "samples": result.samples, "skipped": result.skipped}
+        log.info("stage %r done: %d steps, final loss %.4f, %.1f s", stage.name, result.steps, result.final_loss, result.seconds)
+        if only_stages and stage.name == only_stages[-1] and stage is not recipe.stages[-1]:
+            summary.seconds = time.perf_counter() - started
+            return summary
+
+    summary.model_dir = save_model(model, processor, recipe.model, out / "model")
+    log.info("saved the model to %s", summary.model_dir)
+    if evaluate and recipe.eval is not None:
+        from vlmkit.evaluation.easyvqa import evaluate_easyvqa
+        from vlmkit.inference.pipeline import VLMPipeline
+
+        if recipe.eval.task != "easyvqa":
+            raise ConfigError(f"eval.task={recipe.eval.task!r} is not valid here; valid: easyvqa (more with `vlmkit eval`)")
+        pipeline = VLMPipeline(model, processor)
+        scores, predictions, items = evaluate_easyvqa(
+            pipeline, recipe.eval.split, recipe.eval.batch_size, recipe.eval.limit, recipe.eval.max_new_tokens, train.progress
+        )
+        (out / "eval.json").write_text(json.dumps(scores, indent=2))
+        with (out / "predictions.jsonl").open("w") as fh:
+            for it, p in zip(items, predictions):
+                fh.write(json.dumps({"id": it.id, "question": it.prompt, "answer": it.answers[0], "prediction": p}) + "\n")
+        summary.eval = scores
+        log.info("easy-VQA %s accuracy %.4f (%d/%d)", recipe.eval.split, scores["accuracy"], scores["correct"], scores["total"])
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,71 @@
+"""What a finished stage leaves on disk: exactly the parts it trained.
+
+::
+
+    stages/<name>/connector.safetensors     connector trained (full): LLaVA's mm_projector
+    stages/<name>/vision/, language/        a part trained in full (transformers format)
+    stages/<name>/adapters/<part>/          a part trained with LoRA (peft format), merged afterwards
+    stages/<name>/stage.json                written last: the stage is complete
+
+Re-applying the outputs of completed stages, in order, to a freshly built model reproduces the
+model those stages produced; that is how a later run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import transformers
+
+from vlmkit.fileio import atomic_directory, quiet_hf_progress, save_tensors, write_json_atomic
+from vlmkit.models.build import load_connector
+from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.training.lora import load_lora, merge_lora, save_lora
+from vlmkit.training.trainer import StageResult
+
+DONE_FILE = "stage.json"
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / DONE_FILE).is_file()
+
+
+def save_stage_output(model: VisionLanguageModel, policy: dict[str, str], folder: str | Path, result: StageResult) -> None:
+    """Save the trained parts (see module docstring), merge LoRA adapters, then mark the stage done."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, mode in policy.items():
+        part = getattr(model, name)
+        if mode == "lora":
+            with atomic_directory(folder / "adapters" / name) as tmp:
+                save_lora(part, tmp)
+            merge_lora(part)
+        elif mode == "full":
+            if name == "connector":
+                save_tensors(part.state_dict(), folder / "connector.safetensors")
+            else:
+                hf = part.tower if name == "vision" else part.hf_model
+                with atomic_directory(folder / name) as tmp, quiet_hf_progress():
+                    hf.save_pretrained(tmp)
+    write_json_atomic(folder / DONE_FILE, {"policy": policy, **{k: v for k, v in asdict(result).items() if k != "losses"}})
+
+
+def apply_stage_output(model: VisionLanguageModel, folder: str | Path) -> None:
+    """Load a completed stage's trained parts into ``model`` (LoRA adapters are merged)."""
+    folder = Path(folder)
+    policy = json.loads((folder / DONE_FILE).read_text())["policy"]
+    for name, mode in policy.items():
+        part = getattr(model, name)
+        if mode == "lora":
+            load_lora(part, folder / "adapters" / name)
+            merge_lora(part)
+        elif mode == "full":
+            if name == "connector":
+                load_connector(part, folder / "connector.safetensors")
+            elif name == "vision":
+                cls = getattr(transformers, part.spec.model_class)
+                part.tower = cls.from_pretrained(folder / "vision", dtype=part.dtype)
+            else:
+                part.model = transformers.AutoModelForCausalLM.from_pretrained(folder / "language", dtype=part.dtype)

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny tokenizers, tiny model configs, images made in the test. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, TokenizerConfig, VisionConfig
+from vlmkit.processing.tokenizer import train_bpe_tokenizer
+
+torch.set_num_threads(2)
+
+CORPUS = [
+    "what color is the shape? blue", "is there a red circle in the image? yes", "A green triangle.",
+    "Describe the image briefly.", "USER: ASSISTANT: system user assistant", "hello world, the quick brown fox",
+    "what shape is present? rectangle", "no yes black gray teal brown yellow", "A chat between a curious user",
+] * 20
+
+TINY_LM = {
+    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "phi": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 256},
+    "mistral": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 256, "sliding_window": 16},
+}
+
+TINY_VISION = {
+    "clip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    "siglip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    "vit": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    "resnet": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"},
+    "convnext": {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
+    "bit": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "num_groups": 4, "layer_type": "bottleneck"},
+}
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A real byte-level BPE tokenizer trained on a tiny corpus (fresh copy per use via ``tokenizer``)."""
+    return train_bpe_tokenizer(CORPUS, 400)
+
+
+@pytest.fixture
+def tokenizer(bpe_tokenizer):
+    import copy
+
+    return copy.deepcopy(bpe_tokenizer)
+
+
+def tiny_model_config(
+    encoder: str = "clip", backbone: str = "llama", connector: str = "mlp2x_gelu", template: str = "chatml", **kw
+) -> ModelConfig:
+    """A ModelConfig of a tiny random model (hidden 32, 2 layers) with a 32-px image."""
+    return ModelConfig(
+        vision=VisionConfig(encoder=encoder, config=dict(TINY_VISION[encoder]), feature_layer=kw.pop("feature_layer", -1),
+                            image_size=32, drop_cls=kw.pop("drop_cls", True)),
+        connector=ConnectorConfig(type=connector, options=kw.pop("connector_options", {})),
+        language=LanguageConfig(backbone=backbone, config=dict(TINY_LM[backbone]), tokenizer=TokenizerConfig()),
+        template=template,
+        max_length=kw.pop("max_length", 256),
+        system_prompt=kw.pop("system_prompt", ""),
+        **kw,
+    )
+
+
+@pytest.fixture
+def build_tiny(tokenizer):
+    """``build_tiny(**kw) -> (model, processor)`` with a seeded init."""
+    from vlmkit.models.build import build_model
+
+    def make(seed: int = 0, **kw):
+        torch.manual_seed(seed)
+        return build_model(tiny_model_config(**kw), tokenizer=tokenizer)
+
+    return make
+
+
+def make_image(path: Path, color=(200, 30, 30), size=(40, 32), mode: str = "RGB") -> Path:
+    img = Image.new("RGB", size, color)
+    img.paste((20, 200, 20), (5, 5, 15, 15))
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30), (240, 240, 20)]):
+        make_image(folder / f"img{i}.png", color=color)
+    return folder
