@@ -102,3 +102,48 @@ def image_dir(tmp_path) -> Path:
     for i, color in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30), (240, 240, 20)]):
         make_image(folder / f"img{i}.png", color=color)
     return folder
+
+
+COLOR_NAMES = {"red": (210, 30, 30), "blue": (30, 30, 210), "green": (30, 190, 30), "yellow": (235, 235, 20)}
+
+
+def write_llava_data(folder: Path, per_color: int = 4, caption: bool = False) -> Path:
+    """A LLaVA conversation JSON over coloured images: ``folder/data.json`` (images in ``folder/img``)."""
+    import json
+
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, rgb in COLOR_NAMES.items():
+        for k in range(per_color):
+            file = f"{name}{k}.png"
+            make_image(folder / "img" / file, color=rgb, size=(32 + 4 * k, 32))
+            human = "<image>\nDescribe the image." if caption else "<image>\nwhat color is the image?"
+            answer = f"a {name} image" if caption else name
+            rows.append({"id": f"{name}-{k}", "image": f"img/{file}",
+                         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]})
+    path = folder / "data.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture
+def llava_data(tmp_path) -> Path:
+    return write_llava_data(tmp_path / "data")
+
+
+def tiny_recipe_dict(data_path: Path, out: Path, stages: list[dict] | None = None) -> dict:
+    """A complete recipe (as a dict) of a tiny CLIP + Llama model trained on ``data_path``."""
+    model = {
+        "vision": {"encoder": "clip", "config": dict(TINY_VISION["clip"]), "image_size": 32, "feature_layer": -2},
+        "connector": {"type": "mlp2x_gelu"},
+        "language": {"backbone": "llama", "config": dict(TINY_LM["llama"]), "tokenizer": {"train_vocab_size": 300}},
+        "template": "chatml", "system_prompt": "", "max_length": 128,
+    }
+    data = {"source": "llava_json", "path": str(data_path)}
+    stages = stages or [
+        {"name": "align", "policy": {"connector": "full"}, "data": {**data, "template": "plain"}, "max_steps": 4, "batch_size": 4, "lr": 1e-2},
+        {"name": "instruct", "policy": {"connector": "full", "language": "lora"}, "data": data, "max_steps": 6, "batch_size": 4,
+         "lr": 1e-2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+    ]
+    return {"name": "tiny", "model": model, "stages": stages,
+            "train": {"seed": 0, "output_dir": str(out), "progress": False, "threads": 2}}

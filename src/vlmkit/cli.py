@@ -81,8 +81,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # train / demo
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_console_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    for old in [h for h in log.handlers if getattr(h, "vlmkit_console", False)]:
+        log.removeHandler(old)  # main() may run more than once in a process
+    handler = _StderrHandler()
+    handler.vlmkit_console = True
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.addHandler(handler)

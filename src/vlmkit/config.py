@@ -477,9 +477,13 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     """Load a shipped recipe by name (``vlmkit list recipes``) or a YAML file, then apply overrides."""
     from vlmkit.recipes import recipe_path
 
-    data = load_yaml(recipe_path(str(name_or_path)))
+    path = recipe_path(str(name_or_path))
+    data = load_yaml(path)
     data = apply_overrides(data, overrides or [])
-    return from_dict(RecipeConfig, data)
+    try:
+        return from_dict(RecipeConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def save_yaml(config: Any, path: str | Path) -> None:

@@ -168,7 +168,8 @@ def load_model(folder: str | Path, dtype: str | None = None) -> tuple[VisionLang
     cfg = read_model_config(folder)
     if dtype:
         cfg.dtype = dtype
-    model, _ = build_model(cfg)
+    with quiet_hf_progress():
+        model, _ = build_model(cfg)
     processor = VLMProcessor.from_pretrained(folder)
     model.eval()
     return model, processor

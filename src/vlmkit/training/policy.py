@@ -44,11 +44,26 @@ def apply_policy(model: VisionLanguageModel, policy: dict[str, str], lora: LoraS
         else:
             for p in part.parameters():
                 p.requires_grad_(mode == "full")
+        if name == "vision" and mode != "frozen":
+            _freeze_unused(part)
         total = sum(p.numel() for p in part.parameters())
         trainable = sum(p.numel() for p in part.parameters() if p.requires_grad)
         reports.append(PartReport(name, mode, total, trainable))
     set_train_modes(model, policy)
     return reports
+
+
+def _freeze_unused(vision) -> None:
+    """Freeze tower parameters that the selected feature layer does not use (see
+    :meth:`VisionEncoder.unused_parameters`)."""
+    tower = vision.tower
+    unused = set(vision.unused_parameters())
+    frozen = [n for n, p in tower.named_parameters() if n in unused and p.requires_grad]
+    for n, p in tower.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    if frozen:
+        log.info("vision: %d parameter tensor(s) unused by feature_layer=%d stay frozen (e.g. %s)", len(frozen), vision.feature_layer, frozen[0])
 
 
 def format_policy(stage: str, reports: list[PartReport]) -> str:

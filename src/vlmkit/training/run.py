@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vlmkit.config import ConfigError, RecipeConfig, save_yaml, to_dict
@@ -30,7 +29,7 @@ from vlmkit.models.build import build_model, save_model
 from vlmkit.processing.templates import TEMPLATES
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
-from vlmkit.training.trainer import train_stage
+from vlmkit.training.trainer import train_stage, make_accelerator
 
 log = logging.getLogger("vlmkit")
 
@@ -121,7 +120,7 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, evaluate: boo
     train = recipe.train
     if train.threads:
         torch.set_num_threads(train.threads)
-    accelerator = Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no")
+    accelerator = make_accelerator(train.precision)
     sources = {s.name: load_source(s.data) for s in recipe.stages}
 
     tok_dir = out / "tokenizer"

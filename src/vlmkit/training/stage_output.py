@@ -56,6 +56,11 @@ def apply_stage_output(model: VisionLanguageModel, folder: str | Path) -> None:
     """Load a completed stage's trained parts into ``model`` (LoRA adapters are merged)."""
     folder = Path(folder)
     policy = json.loads((folder / DONE_FILE).read_text())["policy"]
+    with quiet_hf_progress():
+        _apply(model, folder, policy)
+
+
+def _apply(model: VisionLanguageModel, folder: Path, policy: dict[str, str]) -> None:
     for name, mode in policy.items():
         part = getattr(model, name)
         if mode == "lora":

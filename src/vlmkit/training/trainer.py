@@ -76,6 +76,22 @@ def enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
     model.language.hf_model.config.use_cache = False
 
 
+def make_accelerator(precision: str) -> Accelerator:
+    """An :class:`Accelerator` for ``precision`` (``fp32`` or ``bf16``).
+
+    accelerate keeps one process-wide state; a second run in the same process (a notebook, a test
+    session) with another precision would be refused, so a state with a different mixed precision is
+    reset first. Distributed set-up (``accelerate launch``/torchrun) is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    wanted = "bf16" if precision == "bf16" else "no"
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != wanted:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=wanted)
+
+
 def train_stage(
     model: VisionLanguageModel,
     dataset: ConversationDataset,

@@ -38,14 +38,16 @@ class TokenMerge(nn.Module):
 
     Shapes: ``(B, N, D) -> (B, N / k^2, D * k^2)`` with ``N = S^2`` and ``S % k == 0``.
 
+    ``k = 1`` passes any sequence through unchanged.
+
     Raises:
-        ValueError: at build time if ``num_input_tokens`` is not a square whose side ``k`` divides.
+        ValueError: at build time if ``k > 1`` and ``num_input_tokens`` is not a square whose side ``k`` divides.
     """
 
     def __init__(self, factor: int, num_input_tokens: int):
         super().__init__()
         side = math.isqrt(num_input_tokens)
-        if factor < 1 or side * side != num_input_tokens or side % factor:
+        if factor < 1 or (factor > 1 and (side * side != num_input_tokens or side % factor)):
             raise ValueError(
                 f"connector option merge={factor} needs a square token grid whose side it divides; "
                 f"the vision encoder emits {num_input_tokens} tokens"

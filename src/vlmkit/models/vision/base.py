@@ -117,6 +117,33 @@ class VisionEncoder(nn.Module):
         out = self.tower(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
         return self._select(out.hidden_states)
 
+    def unused_parameters(self) -> list[str]:
+        """Names of tower parameters the selected features do not depend on (layers after
+        ``feature_layer``, a pooler or post-norm that only feeds the pooled output).
+
+        Found with one probe forward/backward on a single image; training them would only leave
+        gradients of ``None`` (and break DDP), so trainability policies freeze them.
+        """
+        p = next(self.tower.parameters())
+        probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=p.dtype, device=p.device)
+        flags = {n: q.requires_grad for n, q in self.tower.named_parameters()}
+        grads = {n: q.grad for n, q in self.tower.named_parameters()}
+        was_training = self.tower.training
+        try:
+            for q in self.tower.parameters():
+                q.requires_grad_(True)
+                q.grad = None
+            self.tower.eval()
+            with torch.enable_grad():
+                self.forward(probe).float().sum().backward()
+            unused = [n for n, q in self.tower.named_parameters() if q.grad is None]
+        finally:
+            for n, q in self.tower.named_parameters():
+                q.requires_grad_(flags[n])
+                q.grad = grads[n]
+            self.tower.train(was_training)
+        return unused
+
     def _probe_shape(self) -> tuple[int, int]:
         config = self.tower.config
         if self.spec.layout == "sequence" and hasattr(config, "patch_size"):

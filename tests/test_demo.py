@@ -1,0 +1,32 @@
+"""The embedded default on a short schedule: ``vlmkit demo`` trains both stages on easy-VQA, evaluates on
+test images never seen in training and answers questions; accuracy must be well above the majority answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("easy_vqa")
+
+from vlmkit.cli import main  # noqa: E402
+
+SHORT = [
+    "stages.align.data.limit=1200", "stages.align.epochs=6",
+    "stages.instruct.data.limit=2500", "stages.instruct.epochs=2",
+    "eval.limit=800",
+]
+
+
+@pytest.mark.slow
+def test_short_demo_schedule_learns(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "--questions", "3", *SHORT]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads((out / "eval.json").read_text())
+    assert scores["total"] == 800
+    assert scores["accuracy"] > scores["majority_baseline"] + 0.25, scores
+    assert scores["per_type"]["what color"] > 0.9, scores
+    assert f"easy-VQA test accuracy: {100 * scores['accuracy']:.2f}%" in printed
+    assert printed.count("  Q: ") == 3 and "demo wall time" in printed
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 800

@@ -1,0 +1,213 @@
+"""Training: policies put gradients exactly where declared, LoRA round-trips, runs resume exactly,
+stage outputs follow LLaVA's layout and the saved model reproduces the trained one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_recipe_dict
+from vlmkit.config import ConfigError, LoraSettings, RecipeConfig, from_dict
+from vlmkit.models.build import load_model
+from vlmkit.processing.templates import Message
+from vlmkit.training.lora import has_lora, load_lora, merge_lora, save_lora
+from vlmkit.training.policy import apply_policy, format_policy
+from vlmkit.training.run import run_training
+from vlmkit.training.trainer import TrainingInterrupted
+
+
+def one_batch(processor):
+    images = [Image.new("RGB", (32, 32), (200, 20, 20)), Image.new("RGB", (32, 32), (20, 20, 200))]
+    encs = [processor.encode([Message("user", "<image>\nwhat color?"), Message("assistant", a)], [im]) for im, a in zip(images, ["red", "blue"])]
+    return processor.collate(encs)
+
+
+POLICIES = [
+    {"vision": "frozen", "connector": "full", "language": "frozen"},  # LLaVA stage 1
+    {"vision": "frozen", "connector": "full", "language": "full"},  # LLaVA stage 2, full
+    {"vision": "frozen", "connector": "full", "language": "lora"},  # LLaVA stage 2, LoRA
+    {"vision": "full", "connector": "frozen", "language": "frozen"},
+    {"vision": "lora", "connector": "full", "language": "lora"},
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(f"{k[0]}{v}" for k, v in p.items()))
+def test_gradients_exactly_where_declared(build_tiny, policy):
+    model, processor = build_tiny(feature_layer=-2)
+    unused = {f"tower.{n}" for n in model.vision.unused_parameters()}
+    # CLIP: the last layer and the post-norm feed nothing when features come from the penultimate layer
+    assert "tower.post_layernorm.weight" in unused and any(".layers.1." in n for n in unused)
+    assert not any(".layers.0." in n for n in unused)
+    reports = apply_policy(model, policy, LoraSettings(r=2, alpha=4, dropout=0.0))
+    for name, part in model.parts().items():
+        assert part.training == (policy[name] != "frozen"), name
+    model(**one_batch(processor)).loss.backward()
+    for name, part in model.parts().items():
+        for pname, p in part.named_parameters():
+            is_lora = "lora_" in pname
+            should_train = policy[name] == "full" or (policy[name] == "lora" and is_lora)
+            if name == "vision" and pname.replace("base_model.model.", "").replace(".base_layer", "") in unused or (
+                name == "vision" and is_lora and any(pname.replace("base_model.model.", "").startswith(u.rsplit(".", 1)[0]) for u in unused)
+            ):
+                should_train = False
+            assert p.requires_grad == should_train, (name, pname)
+            if not should_train:
+                assert p.grad is None, (name, pname)
+            elif not (is_lora and "lora_A" in pname):  # lora_A's grad is zero at init (B = 0)
+                assert p.grad is not None and p.grad.abs().sum() > 0, (name, pname)
+    counts = {r.part: (r.trainable, r.total) for r in reports}
+    assert counts["connector"][0] == (counts["connector"][1] if policy["connector"] == "full" else 0)
+    text = format_policy("s", reports)
+    assert all(f"{part:<10} {policy[part]:<7}" in text for part in policy)
+
+
+def test_connector_lora_is_rejected(build_tiny):
+    model, _ = build_tiny()
+    with pytest.raises(ValueError, match="connector=lora is not supported"):
+        apply_policy(model, {"connector": "lora"}, LoraSettings())
+
+
+def test_lora_save_reload_and_merge_give_the_same_logits(build_tiny, tmp_path):
+    model, processor = build_tiny(seed=4)
+    apply_policy(model, {"connector": "full", "language": "lora"}, LoraSettings(r=4, alpha=8, dropout=0.0))
+    batch = one_batch(processor)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    trained = model(**inputs).logits
+    save_lora(model.language, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    fresh, _ = build_tiny(seed=4)
+    fresh.connector.load_state_dict(model.connector.state_dict())
+    fresh.eval()
+    base = fresh(**inputs).logits
+    assert not torch.allclose(base, trained, atol=1e-4)  # the adapters changed something
+    load_lora(fresh.language, tmp_path / "adapter")
+    torch.testing.assert_close(fresh(**inputs).logits, trained, rtol=0, atol=0)
+    merge_lora(fresh.language)
+    assert not has_lora(fresh.language)
+    torch.testing.assert_close(fresh(**inputs).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def recipe(llava_data, out, **stage_changes) -> RecipeConfig:
+    data = tiny_recipe_dict(llava_data, out)
+    for stage in data["stages"]:
+        stage.update(stage_changes)
+    return from_dict(RecipeConfig, data)
+
+
+def losses_of(folder, stage):
+    return [r["loss"] for r in map(json.loads, (folder / "stages" / stage / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_run_layout_outputs_and_reloaded_model(llava_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    caplog.set_level("INFO", logger="vlmkit")
+    summary = run_training(recipe(llava_data, out))
+    assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
+    align, instruct = out / "stages" / "align", out / "stages" / "instruct"
+    # stage 1 leaves only the projector (LLaVA's mm_projector); stage 2 leaves LoRA adapters
+    assert (align / "connector.safetensors").is_file()
+    assert not (align / "language").exists() and not (align / "vision").exists()
+    assert (instruct / "adapters" / "language" / "adapter_config.json").is_file()
+    for stage in (align, instruct):
+        assert (stage / "loss.png").stat().st_size > 0
+        records = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+        assert {"loss", "lr", "samples_per_s", "step"} <= set(records[0])
+    assert len(losses_of(out, "align")) == 4 and len(losses_of(out, "instruct")) == 6
+    policy_lines = [r.getMessage() for r in caplog.records if "trainability" in r.getMessage()]
+    assert len(policy_lines) == 2 and "language   lora" in policy_lines[1]
+    # the merged model folder reproduces the in-memory result
+    model, processor = load_model(summary.model_dir)
+    pipeline_answer = model(**{k: v for k, v in one_batch(processor).items() if k != "labels"}).logits
+    again, proc2 = load_model(summary.model_dir)
+    torch.testing.assert_close(again(**{k: v for k, v in one_batch(proc2).items() if k != "labels"}).logits, pipeline_answer)
+
+
+def test_resume_after_stop_gives_the_same_losses(llava_data, tmp_path):
+    full = tmp_path / "full"
+    run_training(recipe(llava_data, full), evaluate=False)
+    part = tmp_path / "part"
+    cfg = recipe(llava_data, part)
+    cfg.train.save_every = 1
+    with pytest.raises(TrainingInterrupted):
+        run_training(cfg, stop_after=2)
+    with pytest.raises(TrainingInterrupted):  # resumes align at step 2, stops in it again at step 3
+        run_training(cfg, stop_after=1)
+    assert len(losses_of(part, "align")) == 3
+    run_training(cfg, evaluate=False)
+    assert losses_of(part, "align") == losses_of(full, "align")
+    assert losses_of(part, "instruct") == losses_of(full, "instruct")
+    a, _ = load_model(full / "model")
+    b, _ = load_model(part / "model")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_changed_config_in_existing_run_is_refused(llava_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = recipe(llava_data, out)
+    cfg.train.save_every = 1
+    with pytest.raises(TrainingInterrupted):
+        run_training(cfg, stop_after=1)
+    cfg.stages[0].lr = 0.5
+    with pytest.raises(ConfigError, match="stages.*lr"):
+        run_training(cfg)
+
+
+def test_grad_accumulation_matches_one_big_batch(llava_data, tmp_path):
+    big = recipe(llava_data, tmp_path / "big", max_steps=2, batch_size=4, max_grad_norm=None)
+    small = recipe(llava_data, tmp_path / "small", max_steps=2, batch_size=2, grad_accum=2, max_grad_norm=None)
+    for cfg in (big, small):
+        cfg.stages = cfg.stages[:1]
+        run_training(cfg, evaluate=False)
+    a, b = losses_of(tmp_path / "big", "align"), losses_of(tmp_path / "small", "align")
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    assert a[1] == pytest.approx(b[1], rel=1e-4)
+
+
+def test_training_reduces_loss(llava_data, tmp_path):
+    cfg = recipe(llava_data, tmp_path / "r", max_steps=20, lr=3e-3, warmup_ratio=0.0,
+                 policy={"vision": "full", "connector": "full", "language": "full"})
+    cfg.stages = cfg.stages[:1]
+    run_training(cfg, evaluate=False)
+    losses = losses_of(tmp_path / "r", "align")
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_lr_scale_sets_per_part_learning_rates(build_tiny):
+    from vlmkit.config import StageConfig
+    from vlmkit.training.trainer import _param_groups
+
+    model, _ = build_tiny()
+    stage = StageConfig(policy={"vision": "full", "connector": "full", "language": "full"}, lr=1e-3, lr_scale={"vision": 3, "connector": 0.5})
+    groups = _param_groups(list(model.named_parameters()), stage)
+    lrs = {}
+    for g in groups:
+        for p in g["params"]:
+            for name, part in model.parts().items():
+                if any(p is q for q in part.parameters()):
+                    lrs.setdefault(name, set()).add(g["lr"])
+    assert lrs == {"vision": {3e-3}, "connector": {5e-4}, "language": {1e-3}}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_bf16_run_after_fp32_run_in_one_process(llava_data, tmp_path):
+    from vlmkit.training.trainer import make_accelerator
+
+    assert make_accelerator("fp32").mixed_precision == "no"
+    cfg = recipe(llava_data, tmp_path / "bf16", max_steps=3)
+    cfg.stages = cfg.stages[:1]
+    cfg.train.precision = "bf16"
+    run_training(cfg, evaluate=False)
+    losses = losses_of(tmp_path / "bf16", "align")
+    assert len(losses) == 3 and all(l == l and l < 20 for l in losses)
+    assert make_accelerator("fp32").mixed_precision == "no"
