@@ -185,7 +185,7 @@ def test_easyvqa_captions_are_consistent_with_every_question():
 
 def test_easyvqa_sources_keep_splits_and_group_turns():
     captions = load_source(DataConfig(source="easyvqa", split="train", kind="captions"))
-    assert captions.samples[0].messages[1].content.count(" ") == 1  # "blue circle"
+    assert captions.samples[0].messages[1].content.count(" ") == 2  # " blue circle"
     qa = load_source(DataConfig(source="easyvqa", split="test", kind="qa", turns_per_conversation=5))
     assert sum(len(s.messages) // 2 for s in qa.samples) == 9673
     assert all(len(s.messages) <= 10 and s.messages[0].content.startswith("<image>\n") for s in qa.samples)

@@ -174,6 +174,16 @@ def test_grad_accumulation_matches_one_big_batch(llava_data, tmp_path):
     assert a[1] == pytest.approx(b[1], rel=1e-4)
 
 
+def test_gradient_checkpointing_gives_the_same_losses(llava_data, tmp_path):
+    plain = recipe(llava_data, tmp_path / "plain", max_steps=3, policy={"vision": "full", "connector": "full", "language": "full"})
+    ckpt = recipe(llava_data, tmp_path / "ckpt", max_steps=3, policy={"vision": "full", "connector": "full", "language": "full"})
+    ckpt.train.gradient_checkpointing = True
+    for cfg in (plain, ckpt):
+        cfg.stages = cfg.stages[:1]
+        run_training(cfg, evaluate=False)
+    assert losses_of(tmp_path / "ckpt", "align") == pytest.approx(losses_of(tmp_path / "plain", "align"), rel=1e-5)
+
+
 def test_training_reduces_loss(llava_data, tmp_path):
     cfg = recipe(llava_data, tmp_path / "r", max_steps=20, lr=3e-3, warmup_ratio=0.0,
                  policy={"vision": "full", "connector": "full", "language": "full"})
