@@ -191,3 +191,20 @@ def test_easyvqa_sources_keep_splits_and_group_turns():
     assert all(len(s.messages) <= 10 and s.messages[0].content.startswith("<image>\n") for s in qa.samples)
     assert all("<image>" not in m.content for s in qa.samples for m in s.messages[1:])
     assert {s.images[0] for s in qa.samples}.isdisjoint({s.images[0] for s in captions.samples})
+
+
+def test_recipe_base_with_overrides(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("name: child\nbase: easyvqa-tiny\noverrides:\n  - stages.align.lr=0.25\n  - train.seed=7\n")
+    r = load_recipe(child)
+    base = load_recipe("easyvqa-tiny")
+    assert r.name == "child" and r.stage("align").lr == 0.25 and r.train.seed == 7
+    assert r.stage("instruct") == base.stage("instruct") and r.model == base.model
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"name: loop\nbase: {loop}\n")
+    with pytest.raises(ConfigError, match="recipe bases form a cycle"):
+        load_recipe(loop)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nbase: easyvqa-tiny\noverrides: {train.seed: 3}\n")
+    with pytest.raises(ConfigError, match="'overrides' must be a list of key.path=value strings"):
+        load_recipe(bad)

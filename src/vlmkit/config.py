@@ -473,13 +473,34 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _load_recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe mapping, resolving ``base``: a recipe may name another (``base: llava15-7b``) and list
+    dotted ``overrides`` of it; its other top-level keys (``name``, ``description``...) replace the base's.
+
+    Raises:
+        ConfigError: a ``base`` cycle, or ``overrides`` that is not a list of ``key=value`` strings.
+    """
+    from vlmkit.recipes import recipe_path
+
+    data = load_yaml(path)
+    if "base" not in data:
+        return data
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: recipe bases form a cycle: {' -> '.join(str(p) for p in (*seen, path.resolve()))}")
+    changes = data.pop("overrides", [])
+    if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
+        raise ConfigError(f"{path}: 'overrides' must be a list of key.path=value strings")
+    base = _load_recipe_data(recipe_path(str(data.pop("base"))), (*seen, path.resolve()))
+    return {**apply_overrides(base, changes), **data}
+
+
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    """Load a shipped recipe by name (``vlmkit list recipes``) or a YAML file, then apply overrides."""
+    """Load a shipped recipe by name (``vlmkit list recipes``) or a YAML file (resolving its ``base``),
+    then apply overrides."""
     from vlmkit.recipes import recipe_path
 
     path = recipe_path(str(name_or_path))
-    data = load_yaml(path)
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(_load_recipe_data(path), overrides or [])
     try:
         return from_dict(RecipeConfig, data)
     except ConfigError as exc:

@@ -56,12 +56,12 @@ def apply_policy(model: VisionLanguageModel, policy: dict[str, str], lora: LoraS
 def _freeze_unused(vision) -> None:
     """Freeze tower parameters that the selected feature layer does not use (see
     :meth:`VisionEncoder.unused_parameters`)."""
-    tower = vision.tower
     unused = set(vision.unused_parameters())
-    frozen = [n for n, p in tower.named_parameters() if n in unused and p.requires_grad]
-    for n, p in tower.named_parameters():
-        if n in unused:
+    frozen = []
+    for n, p in vision.tower.named_parameters():
+        if n in unused and p.requires_grad:
             p.requires_grad_(False)
+            frozen.append(n)
     if frozen:
         log.info("vision: %d parameter tensor(s) unused by feature_layer=%d stay frozen (e.g. %s)", len(frozen), vision.feature_layer, frozen[0])
 

@@ -29,7 +29,7 @@ from vlmkit.models.build import build_model, save_model
 from vlmkit.processing.templates import TEMPLATES
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
-from vlmkit.training.trainer import train_stage, make_accelerator
+from vlmkit.training.trainer import make_accelerator, train_stage
 
 log = logging.getLogger("vlmkit")
 

@@ -57,20 +57,16 @@ def apply_stage_output(model: VisionLanguageModel, folder: str | Path) -> None:
     folder = Path(folder)
     policy = json.loads((folder / DONE_FILE).read_text())["policy"]
     with quiet_hf_progress():
-        _apply(model, folder, policy)
-
-
-def _apply(model: VisionLanguageModel, folder: Path, policy: dict[str, str]) -> None:
-    for name, mode in policy.items():
-        part = getattr(model, name)
-        if mode == "lora":
-            load_lora(part, folder / "adapters" / name)
-            merge_lora(part)
-        elif mode == "full":
-            if name == "connector":
-                load_connector(part, folder / "connector.safetensors")
-            elif name == "vision":
-                cls = getattr(transformers, part.spec.model_class)
-                part.tower = cls.from_pretrained(folder / "vision", dtype=part.dtype)
-            else:
-                part.model = transformers.AutoModelForCausalLM.from_pretrained(folder / "language", dtype=part.dtype)
+        for name, mode in policy.items():
+            part = getattr(model, name)
+            if mode == "lora":
+                load_lora(part, folder / "adapters" / name)
+                merge_lora(part)
+            elif mode == "full":
+                if name == "connector":
+                    load_connector(part, folder / "connector.safetensors")
+                elif name == "vision":
+                    cls = getattr(transformers, part.spec.model_class)
+                    part.tower = cls.from_pretrained(folder / "vision", dtype=part.dtype)
+                else:
+                    part.model = transformers.AutoModelForCausalLM.from_pretrained(folder / "language", dtype=part.dtype)
