@@ -33,7 +33,20 @@ TINY_LM = {
             "max_position_embeddings": 256},
     "mistral": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "max_position_embeddings": 256, "sliding_window": 16},
+    "opt": {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 32,
+            "max_position_embeddings": 256},
+    "vicuna": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "qwen3": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 256},
+    "flan_t5": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
+    "roberta": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 600, "type_vocab_size": 1},
+    "chinchilla": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 4, "max_position_embeddings": 256},
 }
+#: answer vocabulary for encoder-only (classification) backbones in tests
+TINY_ANSWERS = ["yes", "no", "blue", "red", "circle"]
 
 TINY_VISION = {
     "clip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
@@ -67,6 +80,7 @@ def tiny_model_config(
                             image_size=32, drop_cls=kw.pop("drop_cls", True)),
         connector=ConnectorConfig(type=connector, options=kw.pop("connector_options", {})),
         language=LanguageConfig(backbone=backbone, config=dict(TINY_LM[backbone]), tokenizer=TokenizerConfig()),
+        answers=kw.pop("answers", list(TINY_ANSWERS) if backbone == "roberta" else []),
         template=template,
         max_length=kw.pop("max_length", 256),
         system_prompt=kw.pop("system_prompt", ""),

@@ -122,7 +122,7 @@ def test_unknown_config_key_names_key_and_valid_keys(tmp_path, llava_data):
         ("stages.nope.lr=1", r"no item named 'nope'; names: align, instruct"),
         ("stages.align.policy.vision=half", r"stages.align.policy.vision='half' is not valid; choose one of 'frozen', 'full', 'lora'"),
         ("train.precision=fp8", r"train.precision='fp8' is not valid; choose one of 'fp32', 'bf16'"),
-        ("stages.align.policy.eyes=full", r"unknown part\(s\) \['eyes'\]; valid parts: vision, connector, language"),
+        ("stages.align.policy.eyes=full", r"unknown part\(s\) \['eyes'\]; valid parts: vision, connector, fusion, language"),
         ("train.seed", r"must look like key.path=value"),
     ],
 )

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_recipe_dict
-from vlmkit.config import ConfigError, LoraSettings, RecipeConfig, from_dict
+from vlmkit.config import ConfigError, LoraSettings, RecipeConfig, complete_policy, from_dict
 from vlmkit.models.build import load_model
 from vlmkit.processing.templates import Message
 from vlmkit.training.lora import has_lora, load_lora, merge_lora, save_lora
@@ -42,6 +42,7 @@ def test_gradients_exactly_where_declared(build_tiny, policy):
     assert "tower.post_layernorm.weight" in unused and any(".layers.1." in n for n in unused)
     assert not any(".layers.0." in n for n in unused)
     reports = apply_policy(model, policy, LoraSettings(r=2, alpha=4, dropout=0.0))
+    policy = complete_policy(policy)
     for name, part in model.parts().items():
         assert part.training == (policy[name] != "frozen"), name
     model(**one_batch(processor)).loss.backward()

@@ -1,12 +1,11 @@
 """The ``vlmkit`` command line: one dispatch table, ``--help`` on every command.
 
-``vlmkit train | demo | eval | chat | list`` (also ``python -m vlmkit ...``).
+``vlmkit train | demo | sweep | eval | chat | list`` (also ``python -m vlmkit ...``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -38,7 +37,8 @@ def _rows_connectors() -> list[tuple[str, ...]]:
 def _rows_backbones() -> list[tuple[str, ...]]:
     from vlmkit.models.language import BACKBONES
 
-    return [(n, s.kind, ",".join(s.model_types), s.sizes, s.default_template, s.used_by) for n, s in BACKBONES.items()]
+    return [(n, s.kind, ",".join(s.model_types), s.sizes, s.default_template, s.hidden_size_field, s.used_by)
+            for n, s in BACKBONES.items()]
 
 
 def _rows_templates() -> list[tuple[str, ...]]:
@@ -60,7 +60,7 @@ def _rows_recipes() -> list[tuple[str, ...]]:
 LISTS: dict[str, tuple[tuple[str, ...], Callable[[], list[tuple[str, ...]]]]] = {
     "encoders": (("id", "layout", "cls", "description", "example checkpoint"), _rows_encoders),
     "connectors": (("id", "description"), _rows_connectors),
-    "backbones": (("family", "kind", "model_type", "sizes", "template", "used by"), _rows_backbones),
+    "backbones": (("family", "kind", "model_type", "sizes", "template", "width from", "used by"), _rows_backbones),
     "templates": (("id", "notes"), _rows_templates),
     "recipes": (("recipe", "description"), _rows_recipes),
 }
@@ -154,24 +154,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vlmkit.training.sweep import TABLE_HEADER, run_sweep, table_rows
+
+    result = run_sweep(args.recipe, args.grid, args.overrides, args.output_dir)
+    print(f"\nsweep folder: {result.output_dir}")
+    print_table(TABLE_HEADER, table_rows(result.rows))
+    print("  " + "  ".join(str(path) for path in result.files.values()))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # eval / chat
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vlmkit.evaluation.easyvqa import evaluate_easyvqa
+    import os
+
+    from vlmkit.evaluation.judge import KEY_ENV_VARS, JudgeClient
+    from vlmkit.evaluation.runner import EvalOptions, evaluate, headline, model_fingerprint, prepare
+    from vlmkit.evaluation.tasks import TASKS
+    from vlmkit.evaluation.tasks.base import resolve_data
     from vlmkit.inference.pipeline import VLMPipeline
 
-    if args.task != "easyvqa":
-        raise ValueError(f"unknown task {args.task!r}; valid: easyvqa")
-    pipe = VLMPipeline.from_pretrained(args.model, device=args.device)
-    scores, predictions, items = evaluate_easyvqa(pipe, args.split, args.batch_size, args.limit, args.max_new_tokens)
+    tasks = list(dict.fromkeys(TASKS.get(t).name for t in (args.tasks or ["easyvqa"])))
+    judge = None
+    if args.judge_url:
+        if not args.judge_model:
+            raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
+        key = args.judge_key or next((os.environ[v] for v in KEY_ENV_VARS if os.environ.get(v)), None)
+        judge = JudgeClient(args.judge_url, args.judge_model, key, retries=args.judge_retries)
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such model folder")
+    options = EvalOptions(args.batch_size, args.limit, args.max_new_tokens, judge=judge, model_id=model_fingerprint(args.model))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scores.json").write_text(json.dumps(scores, indent=2))
-    with (out / "predictions.jsonl").open("w") as fh:
-        for it, p in zip(items, predictions):
-            fh.write(json.dumps({"id": it.id, "question": it.prompt, "answer": it.answers[0], "prediction": p}) + "\n")
-    print(f"easy-VQA {args.split}: accuracy {100 * scores['accuracy']:.2f}% ({scores['correct']}/{scores['total']}) -> {out}")
+    runs = prepare(resolve_data(args.data, tasks, args.split), out, options)  # every file is checked before the model loads
+    pipe = VLMPipeline.from_pretrained(args.model, device=args.device)
+    results = evaluate(pipe, runs, options, out)
+    for name, scores in results.items():
+        if name == "easyvqa":
+            print(f"easy-VQA {args.split or 'test'}: accuracy {100 * scores['accuracy']:.2f}% "
+                  f"({scores['correct']}/{scores['total']}) -> {out}")
+        else:
+            shown = ", ".join(f"{metric} {value}" for metric, value in headline(name, scores))
+            print(f"{TASKS.get(name).title}: {shown} ({scores.get('questions', scores.get('total', '?'))} questions) -> {out / name}")
+    print(f"results table: {out / 'results.md'}")
     return 0
 
 
@@ -211,15 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=4, help="how many of its questions to ask (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="evaluate a saved model", description="Evaluate a saved model on a task.")
+    p = sub.add_parser("eval", help="evaluate a saved model on benchmarks",
+                       description="Evaluate a saved model on one or more benchmarks. Predictions are saved per batch to "
+                                   "OUT/TASK/predictions.jsonl, so running the same command again resumes; scores go to "
+                                   "OUT/TASK/scores.json and OUT/results.md.")
     p.add_argument("--model", required=True, help="model folder (e.g. runs/easyvqa-tiny/model)")
-    p.add_argument("--task", default="easyvqa", help="task name (default: %(default)s)")
-    p.add_argument("--split", default="test", help="data split (default: %(default)s)")
+    p.add_argument("--task", dest="tasks", action="append", metavar="NAME",
+                   help="benchmark, repeatable: easyvqa (default), vqav2, textvqa, vizwiz, gqa, pope, mme, scienceqa, "
+                        "mmbench, coco_caption, mmvet")
+    p.add_argument("--data", action="append", default=[], metavar="[TASK[.FILE]=]PATH",
+                   help="repeatable: TASK=FOLDER (or the task's main file), TASK.FILE=PATH for one file; a bare PATH "
+                        "when there is one task. easy-VQA needs none (see README: Evaluation)")
+    p.add_argument("--split", default=None, help="data split where a task has several (easyvqa, scienceqa, coco_caption; default: test)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each task")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (8 for short answers)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
     p.add_argument("--out", default="eval-out", help="output folder (default: %(default)s)")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for judged tasks (mmvet), e.g. http://host:8000/v1")
+    p.add_argument("--judge-model", default=None, help="the judge model name")
+    p.add_argument("--judge-key", default=None, help="API key (default: $VLMKIT_JUDGE_KEY, then $OPENAI_API_KEY)")
+    p.add_argument("--judge-retries", type=int, default=3, help="retries per judge request (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="ask a saved model about an image", description="Answer a prompt about an image; an interactive session when no prompt is given.")
@@ -234,6 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("sweep", help="train every combination of a grid of config choices and compare them",
+                       description="Design-space sweep: train each variant of a grid (the cartesian product) in its own run "
+                                   "folder, then print and save visual tokens, parameters, train time and eval accuracy "
+                                   "(sweep.json, sweep.csv, sweep.png). Finished variants are not trained again.")
+    p.add_argument("recipe", help="shipped recipe name or a YAML file; it needs an eval section")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant, e.g. stages.align.epochs=2")
+    from vlmkit.training.sweep import GRID_ALIASES
+
+    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help=f"an axis of the grid (repeat, or several in one quoted argument); KEY is a dotted config key or "
+                        f"an alias: {', '.join(GRID_ALIASES)} (lr sets every stage's lr)")
+    p.add_argument("--output-dir", default=None, help="sweep folder; variants run in its subfolders (default: runs/<recipe name>-sweep)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("list", help="print what a registry holds", description="Print a registry.")
     p.add_argument("what", choices=sorted(LISTS), help="which registry")
     p.set_defaults(func=cmd_list)
@@ -241,7 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # overrides written after an option (`sweep R --grid a=1,2 x=1`): argparse leaves them over
+        args.overrides += extra
     _setup_console_logging(args.verbose)
     from vlmkit.config import ConfigError
     from vlmkit.data.sources import DataError

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-PARTS = ("vision", "connector", "language")
+PARTS = ("vision", "connector", "fusion", "language")
 POLICIES = ("frozen", "full", "lora")
 
 
@@ -106,6 +106,19 @@ class LanguageConfig:
     """Hugging Face config fields: the whole config when building from scratch, overrides otherwise."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Where the tokenizer comes from."""
+    preset: str | None = None
+    """A named architecture of the family to build from scratch (e.g. ``chinchilla-44m``); ``config`` overrides it."""
+
+
+@dataclass
+class FusionConfig:
+    type: str = "prefix"
+    """How visual tokens reach the language model: ``prefix`` (LLaVA: in the sequence) or
+    ``cross_attention`` (Flamingo: gated cross-attention blocks; decoder-only language models)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the fusion (cross_attention: ``every``, ``heads``, ``ff_mult``)."""
+    pretrained: str | None = None
+    """A ``fusion.safetensors`` to initialise the fusion blocks from."""
 
 
 @dataclass
@@ -113,6 +126,10 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    answers: list[str] = field(default_factory=list)
+    """Answer vocabulary of encoder-only (classification) backbones; `vlmkit train` builds it from the
+    training data when empty."""
     template: str = "auto"
     """Chat template (``vlmkit list templates``); ``auto`` is the tokenizer's own, else the backbone default."""
     system_prompt: str | None = None
@@ -176,12 +193,21 @@ class DataConfig:
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
 
 
+def complete_policy(policy: dict[str, str]) -> dict[str, str]:
+    """``policy`` with every part: missing parts are frozen, except ``fusion`` (the cross-attention
+    blocks), which bridges like the connector and follows its policy unless given."""
+    out = {"fusion": policy.get("fusion", policy.get("connector", "frozen"))}
+    out.update({part: policy.get(part, "frozen") for part in PARTS if part != "fusion"})
+    return {part: out[part] for part in PARTS} | {k: v for k, v in policy.items() if k not in PARTS}
+
+
 @dataclass
 class StageConfig:
     name: str = "stage"
     """Stage name; names the stage's folder in the run."""
     policy: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "language": "frozen"})
-    """Trainability per part (vision, connector, language): frozen, full or lora."""
+    """Trainability per part (vision, connector, fusion, language): frozen, full or lora. ``fusion`` (the
+    cross-attention blocks; prefix fusion has no weights) follows ``connector`` unless given."""
     data: DataConfig = field(default_factory=DataConfig)
     epochs: float = 1.0
     """Passes over the data (fractions allowed); ignored when ``max_steps`` is set."""
@@ -211,8 +237,8 @@ class StageConfig:
         unknown = set(self.policy) - set(PARTS)
         if unknown:
             raise ConfigError(f"{where}.policy has unknown part(s) {sorted(unknown)}; valid parts: {', '.join(PARTS)}")
+        self.policy.update(complete_policy(self.policy))
         for part in PARTS:
-            self.policy.setdefault(part, "frozen")
             _check_choice(f"{where}.policy.{part}", self.policy[part], POLICIES)
         if all(self.policy[p] == "frozen" for p in PARTS):
             raise ConfigError(f"{where}.policy freezes every part; at least one must be full or lora")

@@ -1,13 +1,28 @@
-"""Batched prediction: prompts with images -> generated answers, in input order."""
+"""Batched, resumable evaluation: tasks -> items -> predictions (saved per batch) -> scores -> results.md.
+
+:func:`predict` is the one place that calls the model. :func:`prepare` reads and checks every task's
+files (no model needed), :func:`evaluate` answers what is not answered yet and scores; the layout is
+
+    <out>/<task>/predictions.jsonl   one row per answered question (resumable; see predictions.py)
+    <out>/<task>/scores.json         the task's scores
+    <out>/results.md                 a Markdown table of the headline scores of every task of the call
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from vlmkit.inference.pipeline import GenerationSettings, VLMPipeline
+
+if TYPE_CHECKING:
+    from vlmkit.evaluation.judge import JudgeClient
+    from vlmkit.evaluation.predictions import PredictionLog
+    from vlmkit.evaluation.tasks import TaskData, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -28,13 +43,197 @@ def predict(
     settings: GenerationSettings | None = None,
     progress: bool = True,
     desc: str = "eval",
+    on_batch: Callable[[list[EvalItem], list[str]], None] | None = None,
 ) -> list[str]:
-    """Generated answers for ``items`` (greedy by default), batch by batch with left padding."""
+    """Answers for ``items``, batch by batch with left padding: generated (greedy by default), or
+    classified over the answer vocabulary for encoder-only backbones.
+
+    ``on_batch(items, answers)`` is called after every batch (the runner saves them there).
+    """
     settings = settings or GenerationSettings(max_new_tokens=16)
     predictions: list[str] = []
     with tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            predictions += pipeline.generate([it.prompt for it in chunk], [list(it.images) for it in chunk], settings)
+            answers = pipeline.answer([it.prompt for it in chunk], [list(it.images) for it in chunk], settings)
+            if on_batch is not None:
+                on_batch(chunk, answers)
+            predictions += answers
             bar.update(len(chunk))
     return predictions
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EvalOptions:
+    """How to run: batch size, how many questions per task, generation length, progress bars, the judge.
+
+    ``limit`` keeps the first N questions of each task (for MMBench the first N questions with all
+    their rotations); ``max_new_tokens`` None uses each task's default; ``model_id`` (see
+    :func:`model_fingerprint`) is written with every prediction so that predictions of another
+    model are never reused (None: no check).
+    """
+
+    batch_size: int = 32
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    progress: bool = True
+    judge: JudgeClient | None = None
+    model_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class TaskRun:
+    """One task ready to run: its spec, its items, its output folder and what is already predicted."""
+
+    spec: TaskSpec
+    items: list[EvalItem]
+    work_dir: Path
+    log: PredictionLog
+    done: dict[str, str]
+    max_new_tokens: int
+
+    @property
+    def todo(self) -> list[EvalItem]:
+        return [it for it in self.items if it.id not in self.done]
+
+
+def limit_items(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
+    """The first ``limit`` questions; items that share ``meta["group"]`` (rotations) count as one."""
+    if not limit:
+        return items
+    kept, groups = [], set()
+    for it in items:
+        group = it.meta.get("group", it.id)
+        if group not in groups:
+            if len(groups) == limit:
+                break
+            groups.add(group)
+        kept.append(it)
+    return kept
+
+
+def prepare(tasks: dict[str, TaskData], out: str | Path, options: EvalOptions) -> list[TaskRun]:
+    """Read every task's files and existing predictions, before any model is loaded.
+
+    Raises:
+        RegistryError: an unknown task name (the message lists the valid ones).
+        EvalDataError: a missing or malformed file (named with row / id and field), a predictions
+            file of another task, model or generation length, a judged task without a judge, or
+            duplicate question ids.
+    """
+    from vlmkit.evaluation.predictions import PredictionLog
+    from vlmkit.evaluation.tasks import TASKS, EvalDataError
+
+    runs = []
+    for name, data in tasks.items():
+        spec = TASKS.get(name)
+        if spec.needs_judge and options.judge is None:
+            raise EvalDataError(f"{spec.name} is scored by an LLM judge: pass --judge-url URL --judge-model NAME "
+                                f"(key: --judge-key or $VLMKIT_JUDGE_KEY)")
+        work = Path(out) / spec.name
+        if data.cache_dir is None:
+            data = replace(data, cache_dir=work / "images")
+        items = limit_items(spec.load(data), options.limit)
+        if not items:
+            raise EvalDataError(f"{spec.name}: the data holds no questions")
+        seen: set[str] = set()
+        for it in items:
+            if it.id in seen:
+                raise EvalDataError(f"{spec.name}: question id {it.id!r} occurs twice in the data; ids must be unique")
+            seen.add(it.id)
+        max_new_tokens = options.max_new_tokens or spec.max_new_tokens
+        log = PredictionLog(work / "predictions.jsonl", spec.name, options.model_id, max_new_tokens)
+        runs.append(TaskRun(spec, items, work, log, log.load(), max_new_tokens))
+    return runs
+
+
+def evaluate(pipeline: VLMPipeline, runs: Sequence[TaskRun], options: EvalOptions, out: str | Path) -> dict[str, dict]:
+    """Answer each task's unanswered questions (saved per batch), score it, write scores and ``results.md``.
+
+    Returns ``{task: scores}``. Predictions already on disk are reused, never asked again or counted twice.
+    """
+    from vlmkit.evaluation.tasks import ScoreContext
+    from vlmkit.fileio import write_json_atomic
+
+    results: dict[str, dict] = {}
+    for run in runs:
+        todo = run.todo
+        if todo:
+            settings = GenerationSettings(max_new_tokens=run.max_new_tokens)
+
+            def save(chunk: list[EvalItem], answers: list[str], run: TaskRun = run) -> None:
+                run.log.append(chunk, answers)
+                run.done.update((it.id, a) for it, a in zip(chunk, answers))
+
+            predict(pipeline, todo, options.batch_size, settings, options.progress, run.spec.title, on_batch=save)
+        predictions = [run.done[it.id] for it in run.items]
+        run.work_dir.mkdir(parents=True, exist_ok=True)
+        scores = run.spec.score(run.items, predictions, ScoreContext(run.work_dir, options.judge, options.progress))
+        write_json_atomic(run.work_dir / "scores.json", scores)
+        results[run.spec.name] = scores
+    write_results_md(Path(out) / "results.md", results)
+    return results
+
+
+def run_tasks(pipeline: VLMPipeline, tasks: dict[str, TaskData], out: str | Path, options: EvalOptions | None = None) -> dict[str, dict]:
+    """:func:`prepare` then :func:`evaluate`: ``{task: scores}``."""
+    options = options or EvalOptions()
+    return evaluate(pipeline, prepare(tasks, out, options), options, out)
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """``<folder name>@<12 hex digits>``: a hash of the names, sizes and modification times of the
+    model folder's files, so a model retrained into the same folder gets a new id."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha1()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"{folder.resolve().name}@{digest.hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+def _lookup(scores: dict, dotted: str) -> Any:
+    value: Any = scores
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def headline(name: str, scores: dict) -> list[tuple[str, str]]:
+    """``(metric, formatted value)`` rows of a task's report keys (fractions as percentages)."""
+    from vlmkit.evaluation.tasks import TASKS
+
+    spec = TASKS.get(name)
+    rows = []
+    for key in spec.report or (spec.metric,):
+        value = _lookup(scores, key)
+        if isinstance(value, (int, float)):
+            rows.append((key, f"{100 * value:.2f}" if spec.percent else f"{value:.2f}"))
+    return rows
+
+
+def write_results_md(path: Path, results: dict[str, dict]) -> None:
+    """A Markdown table: task, metric, score (percent for fractions), number of questions."""
+    from vlmkit.evaluation.tasks import TASKS
+
+    lines = ["# Evaluation results", "", "| task | metric | score | questions |", "|---|---|---:|---:|"]
+    for name, scores in results.items():
+        title = TASKS.get(name).title
+        for metric, value in headline(name, scores):
+            questions = scores.get("questions", scores.get("total", ""))  # MMBench: questions, not rotations
+            lines.append(f"| {title} (`{name}`) | {metric} | {value} | {questions} |")
+    lines += ["", "Scores in percent except MME (summed subtask scores, perception max 2000, cognition max 800).", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))

@@ -13,7 +13,7 @@ from vlmkit.models.build import load_model
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import load_image
 from vlmkit.processing.processor import VLMProcessor
-from vlmkit.processing.templates import Message
+from vlmkit.processing.templates import TEMPLATES, Message
 
 ImageLike = Image.Image | str | Path
 
@@ -86,6 +86,18 @@ class VLMPipeline:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def _prompt_batch(
+        self, prompts: list[str], images: list[list[ImageLike]], histories: list[list[Message]] | None
+    ) -> dict[str, torch.Tensor]:
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        encoded = [
+            self.processor.prompt(p, [as_image(i) for i in imgs], (histories or [None] * len(prompts))[k])
+            for k, (p, imgs) in enumerate(zip(prompts, images))
+        ]
+        batch = self.processor.collate(encoded, padding_side="left")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
     def generate(
         self,
         prompts: list[str],
@@ -97,16 +109,10 @@ class VLMPipeline:
 
         Raises:
             EncodingError: a prompt's placeholders do not match its images.
+            NotGenerativeError: the model's language backbone is encoder-only (use :meth:`answer`).
         """
         settings = settings or GenerationSettings()
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-        encoded = [
-            self.processor.prompt(p, [as_image(i) for i in imgs], (histories or [None] * len(prompts))[k])
-            for k, (p, imgs) in enumerate(zip(prompts, images))
-        ]
-        batch = self.processor.collate(encoded, padding_side="left")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = self._prompt_batch(prompts, images, histories)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         out = self.model.generate(
@@ -114,6 +120,39 @@ class VLMPipeline:
             **self._generate_kwargs(settings),
         )
         return [self.processor.decode(self._trim(row)) for row in out]
+
+    @property
+    def generative(self) -> bool:
+        """Whether the language backbone writes text (decoder-only or encoder-decoder)."""
+        return self.model.language.spec.kind != "encoder"
+
+    def classify(self, prompts: list[str], images: list[list[ImageLike]]) -> list[str]:
+        """The most likely answer of the answer vocabulary for each prompt (encoder-only backbones).
+
+        Raises:
+            ValueError: the backbone is not encoder-only.
+        """
+        batch = self._prompt_batch(prompts, images, None)
+        logits = self.model.classify(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_counts"])
+        return [self.processor.answers[i] for i in logits.argmax(-1).tolist()]
+
+    def answer(self, prompts: list[str], images: list[list[ImageLike]], settings: GenerationSettings | None = None) -> list[str]:
+        """Answers for a batch: generated text, or the classified answer for encoder-only backbones."""
+        return self.generate(prompts, images, settings) if self.generative else self.classify(prompts, images)
+
+    def match_scores(self, images: list[ImageLike], texts: list[str], template: str = "plain") -> list[float]:
+        """Probability that each text describes its image (encoder-only ITM head). Each pair is
+        rendered as in training: a user turn holding the image, the text as the reply (``template``)."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        chat = TEMPLATES.get(template)
+        encoded = [
+            self.processor.encode([Message("user", "<image>"), Message("assistant", t)], [as_image(i)], chat, as_pair=True)
+            for i, t in zip(images, texts)
+        ]
+        batch = {k: v.to(self.device) for k, v in self.processor.collate(encoded).items()}
+        scores = self.model.match_scores(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_counts"])
+        return scores.tolist()
 
     def _trim(self, row: torch.Tensor) -> list[int]:
         stops = set(self.processor.stop_token_ids())

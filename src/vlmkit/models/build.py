@@ -5,7 +5,9 @@ A saved model folder holds::
     vlmkit_config.json      model config with paths relative to the folder
     vision/                 the vision tower (transformers save_pretrained)
     connector.safetensors   the connector weights
-    language/               the language model (transformers save_pretrained)
+    fusion.safetensors      the cross-attention blocks (cross_attention fusion only)
+    language/               the language model (transformers save_pretrained; + heads.safetensors for
+                            encoder-only backbones)
     tokenizer/              the tokenizer
     processor_config.json   template, image transform, visual tokens per image
 """
@@ -23,7 +25,9 @@ import torch
 from vlmkit.config import ModelConfig, from_dict, to_dict
 from vlmkit.fileio import atomic_directory, load_tensors, quiet_hf_progress, save_tensors
 from vlmkit.models.connectors import CONNECTORS
+from vlmkit.models.fusion import FUSIONS
 from vlmkit.models.language import BACKBONES, build_language_model
+from vlmkit.models.sources import resolve_pretrained
 from vlmkit.models.vision import build_vision_encoder
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import ImageTransform
@@ -49,7 +53,7 @@ def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None) -> Any
             raise ValueError("model.language.tokenizer.train_vocab_size is set but no training text was given to train it on")
         tokenizer = train_bpe_tokenizer(texts, tok_cfg.train_vocab_size)
     elif cfg.language.pretrained:
-        tokenizer = load_tokenizer(cfg.language.pretrained, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(resolve_pretrained(cfg.language.pretrained), cfg.trust_remote_code)
     else:
         raise ValueError(
             "model.language has no tokenizer source: set model.language.pretrained, "
@@ -79,27 +83,74 @@ def build_model(
         v.encoder, v.pretrained, v.config, v.feature_layer, v.drop_cls, v.image_size, v.image_mean, v.image_std,
         dtype=dtype, trust_remote_code=cfg.trust_remote_code,
     )
+    special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "eos_token_id", "bos_token_id") if getattr(tokenizer, k, None) is not None}
     language = build_language_model(
-        cfg.language.backbone, cfg.language.pretrained, cfg.language.config, vocab_size=len(tokenizer),
-        dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        cfg.language.backbone, resolve_pretrained(cfg.language.pretrained), cfg.language.config, vocab_size=len(tokenizer),
+        dtype=dtype, trust_remote_code=cfg.trust_remote_code, preset=cfg.language.preset, special_tokens=special,
+        answers=cfg.answers,
     )
-    factory = CONNECTORS.get(cfg.connector.type)
-    try:
-        connector = factory(vision.hidden_size, language.hidden_size, vision.num_tokens, **cfg.connector.options)
-    except TypeError as exc:
-        raise ValueError(f"model.connector.options {cfg.connector.options} do not fit connector {cfg.connector.type!r}: {exc}") from None
+    connector = _build_part(CONNECTORS, "connector", cfg.connector.type, cfg.connector.options,
+                            vision.hidden_size, language.hidden_size, vision.num_tokens)
+    _check_bridge(connector, cfg.connector.type, vision.hidden_size, language.hidden_size, vision.num_tokens)
     connector.to(dtype)
     if cfg.connector.pretrained:
         load_connector(connector, cfg.connector.pretrained)
+    fusion = _build_part(FUSIONS, "fusion", cfg.fusion.type, cfg.fusion.options, language)
+    if cfg.fusion.pretrained:
+        load_connector(fusion, cfg.fusion.pretrained)
     template = resolve_template(cfg.template, tokenizer, spec.default_template)
     transform = ImageTransform(vision.image_size, vision.image_mean, vision.image_std, v.image_aspect)
-    processor = VLMProcessor(tokenizer, template, transform, connector.num_output_tokens, cfg.max_length, cfg.system_prompt)
-    model = VisionLanguageModel(vision, connector, language, processor.image_token_id)
+    processor = VLMProcessor(
+        tokenizer, template, transform, fusion.tokens_per_image(connector.num_output_tokens), cfg.max_length,
+        cfg.system_prompt, layout=spec.kind, answers=cfg.answers,
+    )
+    model = VisionLanguageModel(vision, connector, language, processor.image_token_id, fusion)
     return model, processor
 
 
+def _build_part(registry, key: str, name: str, options: dict[str, Any], *args: Any) -> Any:
+    """``registry[name](*args, **options)``; options that do not fit name the recipe key."""
+    factory = registry.get(name)
+    try:
+        return factory(*args, **options)
+    except TypeError as exc:
+        raise ValueError(f"model.{key}.options {options} do not fit {key} {name!r}: {exc}") from None
+
+
+def _check_bridge(connector: torch.nn.Module, name: str, vision_dim: int, language_dim: int, num_tokens: int) -> None:
+    """Build-time check, on one zero image's tokens, that the connector maps ``(N, vision width)`` to
+    ``(num_output_tokens, language width)``, instead of failing later inside a matmul or splice.
+
+    Raises:
+        ValueError: naming the connector, both widths and the token counts.
+    """
+    probe = torch.zeros(1, num_tokens, vision_dim)
+    training = connector.training
+    connector.eval()  # no batch-norm statistics change from the probe
+    try:
+        with torch.no_grad():
+            out = connector(probe.to(next(connector.parameters(), probe).dtype))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"connector {name!r} cannot bridge the vision width {vision_dim} to the language hidden size {language_dim}: {exc}"
+        ) from None
+    finally:
+        connector.train(training)
+    width = out.shape[-1]
+    if out.shape[1] != connector.num_output_tokens:
+        raise ValueError(
+            f"connector {name!r} emits {out.shape[1]} tokens for {num_tokens} vision tokens but declares "
+            f"num_output_tokens={connector.num_output_tokens}"
+        )
+    if width != language_dim:
+        raise ValueError(
+            f"connector {name!r} maps the vision width {vision_dim} to {width}, but the language model's hidden size is "
+            f"{language_dim}; choose a projecting connector (e.g. mlp2x_gelu) or matching sizes"
+        )
+
+
 def load_connector(connector: torch.nn.Module, path: str | Path) -> None:
-    """Load connector weights from a safetensors file (strict).
+    """Load connector (or fusion) weights from a safetensors file (strict).
 
     Raises:
         FileNotFoundError: no such file.
@@ -108,7 +159,7 @@ def load_connector(connector: torch.nn.Module, path: str | Path) -> None:
     state = load_tensors(path)
     missing, unexpected = connector.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit the connector: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{path} does not fit the {type(connector).__name__}: missing {missing}, unexpected {unexpected}")
 
 
 def save_model(model: VisionLanguageModel, processor: VLMProcessor, cfg: ModelConfig, folder: str | Path) -> Path:
@@ -134,11 +185,17 @@ def save_model(model: VisionLanguageModel, processor: VLMProcessor, cfg: ModelCo
     saved.language.tokenizer.path = "tokenizer"
     saved.language.tokenizer.train_vocab_size = None
     saved.connector.pretrained = "connector.safetensors"
+    saved.connector.options = model.connector.saved_options(cfg.connector.options)
+    saved.language.preset = None
+    fusion_state = model.fusion.state_dict()
+    saved.fusion.pretrained = "fusion.safetensors" if fusion_state else None
     saved.template = processor.template.name
     with atomic_directory(folder) as tmp, quiet_hf_progress():
         model.vision.tower.save_pretrained(tmp / "vision")
-        model.language.hf_model.save_pretrained(tmp / "language")
+        model.language.save_pretrained(tmp / "language")
         save_tensors(model.connector.state_dict(), tmp / "connector.safetensors", {"connector": cfg.connector.type})
+        if fusion_state:
+            save_tensors(fusion_state, tmp / "fusion.safetensors", {"fusion": cfg.fusion.type})
         processor.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": "vlmkit", "version": 1, "model": to_dict(saved)}, indent=2))
     return folder
@@ -160,6 +217,8 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     cfg.language.pretrained = str(folder / cfg.language.pretrained)
     cfg.language.tokenizer.path = str(folder / cfg.language.tokenizer.path)
     cfg.connector.pretrained = str(folder / cfg.connector.pretrained)
+    if cfg.fusion.pretrained:
+        cfg.fusion.pretrained = str(folder / cfg.fusion.pretrained)
     return cfg
 
 

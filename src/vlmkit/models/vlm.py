@@ -1,4 +1,4 @@
-"""VisionLanguageModel: vision encoder -> connector -> visual tokens spliced into a causal LM."""
+"""VisionLanguageModel: vision encoder -> connector -> fusion -> language backbone."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.models.connectors.base import Connector
-from vlmkit.models.language.base import CausalLanguageModel
+from vlmkit.models.fusion import Fusion, PrefixFusion
+from vlmkit.models.language.base import IGNORE_INDEX, LanguageModel  # noqa: F401  (IGNORE_INDEX re-exported)
 from vlmkit.models.vision.base import VisionEncoder
-
-IGNORE_INDEX = -100
 
 
 class ImageTokenMismatchError(ValueError):
@@ -22,9 +20,11 @@ class ImageTokenMismatchError(ValueError):
 
 @dataclass
 class VLMOutput:
-    """``loss`` (scalar, mean over label tokens) when labels were given; ``logits`` ``(B, T, V)`` otherwise.
+    """``loss`` (scalar, mean over targets) when targets were given; ``logits`` otherwise (shape per
+    language kind: ``(B, T, V)`` decoder-only, ``(B, T_dec, V)`` encoder-decoder, ``(B, answers)``
+    encoder-only).
 
-    ``num_label_tokens`` counts the tokens the loss averages over.
+    ``num_label_tokens`` counts the targets (tokens, or rows for classification) the loss averages over.
     """
 
     loss: torch.Tensor | None = None
@@ -33,31 +33,36 @@ class VLMOutput:
 
 
 class VisionLanguageModel(nn.Module):
-    """LLaVA-style prefix fusion: each image's visual tokens replace its placeholder tokens.
+    """Vision encoder -> connector -> fusion -> language model.
 
     Args:
         vision: returns ``(num_images, N, D_vision)``.
         connector: maps them to ``(num_images, M, D_language)``.
-        language: the causal language model adapter.
-        image_token_id: id of the ``<image>`` placeholder; the processor repeats it ``M`` times per image.
+        language: the language model adapter (decoder-only, encoder-decoder or encoder-only).
+        image_token_id: id of the ``<image>`` placeholder; the processor repeats it
+            ``fusion.tokens_per_image(M)`` times per image (``M`` for prefix fusion, 1 for cross-attention).
+        fusion: how visual tokens reach the language model (default: LLaVA-style prefix tokens).
 
-    The three parts are addressed by name (``vision``, ``connector``, ``language``) for
+    The parts are addressed by name (``vision``, ``connector``, ``fusion``, ``language``) for
     trainability policies and checkpoints.
     """
 
-    part_names = ("vision", "connector", "language")
+    part_names = ("vision", "connector", "fusion", "language")
 
-    def __init__(self, vision: VisionEncoder, connector: Connector, language: CausalLanguageModel, image_token_id: int):
+    def __init__(
+        self, vision: VisionEncoder, connector: Connector, language: LanguageModel, image_token_id: int, fusion: Fusion | None = None
+    ):
         super().__init__()
         self.vision = vision
         self.connector = connector
+        self.fusion = fusion if fusion is not None else PrefixFusion()
         self.language = language
         self.image_token_id = int(image_token_id)
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image in the language model's sequence."""
-        return self.connector.num_output_tokens
+        """Placeholder tokens per image in the language model's sequence."""
+        return self.fusion.tokens_per_image(self.connector.num_output_tokens)
 
     def parts(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self.part_names}
@@ -68,7 +73,8 @@ class VisionLanguageModel(nn.Module):
         return self.connector(self.vision(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_counts: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with visual features spliced in at the placeholders.
+        """Token embeddings with the images fused in (spliced at the placeholders, or set as the
+        cross-attention context).
 
         Args:
             input_ids: ``(B, T)``.
@@ -80,8 +86,8 @@ class VisionLanguageModel(nn.Module):
             ``(B, T, H)``.
 
         Raises:
-            ImageTokenMismatchError: a row's placeholder count is not ``images x M`` (the message names
-                the row and both counts), so images and tokens can never be silently misaligned.
+            ImageTokenMismatchError: a row's placeholder count is not ``images x tokens per image`` (the
+                message names the row and both counts), so images and tokens can never be silently misaligned.
         """
         is_image = input_ids == self.image_token_id
         per_row = is_image.sum(dim=1)
@@ -104,11 +110,10 @@ class VisionLanguageModel(nn.Module):
                 f"the batch has {int(per_row.sum())} image tokens but {n_images} image(s) x {m} visual tokens "
                 f"= {n_images * m} were expected"
             )
-        embeds = self.language.embed(input_ids.masked_fill(is_image, 0))
-        if n_images:
-            feats = self.encode_images(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
-        return embeds
+        else:
+            image_counts = per_row // m
+        features = self.encode_images(pixel_values) if n_images else None
+        return self.fusion.embed(self.language, input_ids, is_image, features, image_counts.to(input_ids.device))
 
     def forward(
         self,
@@ -117,28 +122,21 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        match_labels: torch.Tensor | None = None,
         **_: Any,
     ) -> VLMOutput:
-        """Loss (with ``labels`` ``(B, T)``, ``-100`` = ignore) or full logits ``(B, T, V)``.
+        """Loss when targets are given, else logits.
 
-        With labels and a backbone whose logits are a plain head projection, the LM head runs only on
-        the positions that predict a label, the main saving over computing ``(B, T, V)`` logits.
+        Targets: ``labels`` (``(B, T)`` aligned with the inputs for decoder-only, ``(B, T_answer)``
+        for encoder-decoder, ``(B,)`` answer indices for encoder-only; ``-100`` = ignore) and, for
+        encoder-only, ``match_labels`` ``(B,)`` (image-text matching).
         """
         embeds = self.embed(input_ids, pixel_values, image_counts)
-        if labels is None:
+        if labels is None and match_labels is None:
             return VLMOutput(logits=self.language.logits(embeds, attention_mask))
-        targets = labels[:, 1:]
-        select = targets != IGNORE_INDEX
-        n = int(select.sum())
-        if self.language.spec.plain_head:
-            hidden = self.language.hidden_states(embeds, attention_mask)
-            logits = self.language.head(hidden[:, :-1][select])
-        else:
-            logits = self.language.logits(embeds, attention_mask)[:, :-1][select]
-        if n == 0:
-            return VLMOutput(loss=logits.sum() * 0.0, num_label_tokens=0)
-        loss = F.cross_entropy(logits.float(), targets[select])
-        return VLMOutput(loss=loss, num_label_tokens=n)
+        targets = {k: v for k, v in (("labels", labels), ("match_labels", match_labels)) if v is not None}
+        out = self.language.loss(embeds, attention_mask, targets)
+        return VLMOutput(loss=out.loss, num_label_tokens=out.count)
 
     @torch.no_grad()
     def generate(
@@ -150,6 +148,39 @@ class VisionLanguageModel(nn.Module):
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """New token ids ``(B, T_new)`` for left-padded prompts, through transformers' ``generate``
-        (KV cache, greedy or sampling, stop tokens)."""
+        (KV cache, greedy or sampling, stop tokens).
+
+        Raises:
+            NotGenerativeError: the language model is encoder-only (see :meth:`classify`).
+        """
         embeds = self.embed(input_ids, pixel_values, image_counts)
         return self.language.generate(embeds, attention_mask, **generate_kwargs)
+
+    @torch.no_grad()
+    def classify(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Answer logits ``(B, num_answers)`` of an encoder-only model (VQA as classification).
+
+        Raises:
+            ValueError: the language model is not encoder-only.
+        """
+        self._require_encoder("classify")
+        return self.language.logits(self.embed(input_ids, pixel_values, image_counts), attention_mask)
+
+    @torch.no_grad()
+    def match_scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Probability ``(B,)`` that each row's text describes its image (encoder-only ITM head)."""
+        self._require_encoder("match_scores")
+        logits = self.language.match_logits(self.embed(input_ids, pixel_values, image_counts), attention_mask)
+        return logits.float().softmax(-1)[:, 1]
+
+    def _require_encoder(self, what: str) -> None:
+        if self.language.spec.kind != "encoder":
+            raise ValueError(
+                f"{what} needs an encoder-only language backbone; {self.language.spec.name!r} is {self.language.spec.kind} (use generate)"
+            )

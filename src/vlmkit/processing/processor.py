@@ -2,6 +2,16 @@
 
 One ``<image>`` placeholder in the text becomes ``num_image_tokens`` copies of the image token id,
 the count the connector emits per image, so the model can splice features in one-to-one.
+
+The layout follows the language model's kind:
+
+* ``decoder``: ``input_ids`` and ``labels`` ``(T,)`` aligned; assistant tokens are labels.
+* ``encoder-decoder``: the prompt (everything before the last assistant reply, earlier turns
+  included) is ``input_ids``; the last reply's tokens are ``labels``.
+* ``encoder``: no generation. If the last reply is in the answer vocabulary the sample is a VQA
+  example (``input_ids`` = the prompt, ``labels`` = the answer's index); otherwise (e.g. a caption) it
+  is an image-text pair for matching (``input_ids`` = the whole text, ``match_label`` = 1), and
+  :meth:`VLMProcessor.collate` adds an in-batch negative for each such pair.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from vlmkit.processing.tokenizer import IMAGE_TOKEN, load_tokenizer, prepare_tok
 
 IGNORE_INDEX = -100
 PROCESSOR_FILE = "processor_config.json"
+LAYOUTS = ("decoder", "encoder-decoder", "encoder")
 
 
 class EncodingError(ValueError):
@@ -31,13 +42,16 @@ class EncodingError(ValueError):
 class Encoded:
     """One encoded sample. ``labels`` is ``None`` for generation prompts.
 
-    Shapes: ``input_ids``/``labels`` ``(T,)``; ``pixel_values`` ``(num_images, 3, S, S)``.
+    Shapes: ``input_ids`` ``(T,)``; ``labels`` ``(T,)`` (decoder), ``(T_answer,)`` (encoder-decoder) or
+    ``()`` (encoder: answer index, ``-100`` for a matching pair); ``pixel_values`` ``(num_images, 3, S, S)``.
+    ``match_label``: 1 for an image-text matching pair (encoder layout), else ``None``.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor | None
     pixel_values: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    match_label: int | None = None
 
 
 class VLMProcessor:
@@ -51,6 +65,11 @@ class VLMProcessor:
         max_length: longest encoded sample; longer ones raise :class:`EncodingError`.
         system_prompt: system message added when a conversation has none (``None``: template default,
             ``""``: no system message).
+        layout: ``decoder``, ``encoder-decoder`` or ``encoder`` (the language model's kind; see module doc).
+        answers: answer vocabulary (encoder layout).
+
+    Raises:
+        ValueError: an unknown layout, or the encoder layout without answers.
     """
 
     def __init__(
@@ -61,7 +80,16 @@ class VLMProcessor:
         num_image_tokens: int,
         max_length: int = 2048,
         system_prompt: str | None = None,
+        layout: str = "decoder",
+        answers: list[str] | None = None,
     ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"processor layout {layout!r} is not valid; choose one of {', '.join(LAYOUTS)}")
+        if layout == "encoder" and not answers:
+            raise ValueError("the encoder layout (classification) needs the answer vocabulary (model.answers)")
+        self.layout = layout
+        self.answers = list(answers or [])
+        self._answer_index = {a: i for i, a in enumerate(self.answers)}
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.template = template
         self.image_transform = image_transform
@@ -107,10 +135,12 @@ class VLMProcessor:
         images: list[Image.Image | torch.Tensor],
         template: ChatTemplate | None = None,
         add_generation_prompt: bool = False,
+        as_pair: bool = False,
     ) -> Encoded:
         """Encode a conversation and its images (in placeholder order).
 
-        Images may be PIL images or tensors already transformed to ``(3, S, S)``.
+        Images may be PIL images or tensors already transformed to ``(3, S, S)``. ``as_pair``: the
+        whole conversation is input and there are no labels (image-text matching at inference).
 
         Raises:
             EncodingError: the number of ``<image>`` placeholders differs from ``len(images)``, or the
@@ -133,21 +163,51 @@ class VLMProcessor:
             else:
                 out_ids.append(tok)
                 out_labels.append(tok if train else IGNORE_INDEX)
+        match_label = None
+        if as_pair:
+            labels_out: list[int] | int | None = None
+        elif add_generation_prompt or self.layout == "decoder":
+            labels_out = None if add_generation_prompt else out_labels
+        else:
+            out_ids, labels_out, match_label = self._split_reply(out_ids, out_labels, messages[-1].content)
         if len(out_ids) > self.max_length:
             raise EncodingError(
                 f"the sample has {len(out_ids)} tokens ({len(images)} image(s) x {self.num_image_tokens} visual tokens "
                 f"included), more than model.max_length={self.max_length}"
             )
-        if not add_generation_prompt and all(l == IGNORE_INDEX for l in out_labels):
+        if not (add_generation_prompt or as_pair) and all(l == IGNORE_INDEX for l in out_labels):
             raise EncodingError("the sample has no assistant tokens to train on")
+        if isinstance(labels_out, list) and not labels_out:
+            raise EncodingError("the sample's last assistant reply has no tokens to train on")
         pixels = [img if isinstance(img, torch.Tensor) else self.image_transform(img) for img in images]
         size = self.image_transform.size
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size)
         return Encoded(
             input_ids=torch.tensor(out_ids, dtype=torch.long),
-            labels=None if add_generation_prompt else torch.tensor(out_labels, dtype=torch.long),
+            labels=None if labels_out is None else torch.tensor(labels_out, dtype=torch.long),
             pixel_values=pixel_values,
+            match_label=match_label,
         )
+
+    def _split_reply(self, ids: list[int], labels: list[int], reply: str) -> tuple[list[int], list[int] | int, int | None]:
+        """Split an encoded training conversation at its last assistant reply (see module doc).
+
+        Returns ``(input_ids, labels, match_label)`` for the encoder-decoder or encoder layout.
+        """
+        end = max((i for i, l in enumerate(labels) if l != IGNORE_INDEX), default=-1)
+        start = end
+        while start > 0 and labels[start - 1] != IGNORE_INDEX:
+            start -= 1
+        if self.layout == "encoder-decoder":
+            return ids[:start], [l for l in labels[start : end + 1] if l != IGNORE_INDEX], None
+        index = self._answer_index.get(reply.strip())
+        if index is None:
+            return ids, IGNORE_INDEX, 1
+        return ids[:start], index, None
+
+    def answer_index(self, answer: str) -> int | None:
+        """Index of ``answer`` (stripped) in the answer vocabulary, ``None`` when absent."""
+        return self._answer_index.get(answer.strip())
 
     def prompt(self, text: str, images: list[Image.Image | torch.Tensor], history: list[Message] | None = None) -> Encoded:
         """Encode a user turn (after ``history``) for generation.
@@ -173,12 +233,15 @@ class VLMProcessor:
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}; choose 'left' or 'right'")
+        if self.layout == "encoder" and any(s.match_label is not None for s in samples):
+            samples = samples + self._matching_negatives(samples)
         length = max(s.input_ids.numel() for s in samples)
         batch = len(samples)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((batch, length), dtype=torch.long)
         with_labels = all(s.labels is not None for s in samples)
-        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long) if with_labels else None
+        aligned = with_labels and self.layout == "decoder"
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long) if aligned else None
         for i, s in enumerate(samples):
             n = s.input_ids.numel()
             sl = slice(length - n, length) if padding_side == "left" else slice(0, n)
@@ -186,6 +249,13 @@ class VLMProcessor:
             attention[i, sl] = 1
             if labels is not None:
                 labels[i, sl] = s.labels
+        if with_labels and self.layout == "encoder-decoder":
+            longest = max(s.labels.numel() for s in samples)
+            labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+            for i, s in enumerate(samples):
+                labels[i, : s.labels.numel()] = s.labels
+        elif with_labels and self.layout == "encoder":
+            labels = torch.stack([s.labels for s in samples])
         out = {
             "input_ids": input_ids,
             "attention_mask": attention,
@@ -194,7 +264,28 @@ class VLMProcessor:
         }
         if labels is not None:
             out["labels"] = labels
+        if self.layout == "encoder" and with_labels:
+            out["match_labels"] = torch.tensor(
+                [IGNORE_INDEX if s.match_label is None else s.match_label for s in samples], dtype=torch.long
+            )
         return out
+
+    @staticmethod
+    def _matching_negatives(samples: list[Encoded]) -> list[Encoded]:
+        """One in-batch negative per image-text pair: its image with the next pair's text.
+
+        Deterministic (the next pair in batch order); the label is 1 only when the two texts are
+        identical token for token. Pairs whose image counts differ are not combined.
+        """
+        pairs = [s for s in samples if s.match_label is not None]
+        negatives = []
+        for k, own in enumerate(pairs):
+            other = pairs[(k + 1) % len(pairs)]
+            if other is own or other.pixel_values.shape[0] != own.pixel_values.shape[0]:
+                continue
+            same = torch.equal(other.input_ids, own.input_ids)
+            negatives.append(Encoded(other.input_ids, torch.tensor(IGNORE_INDEX), own.pixel_values, match_label=int(same)))
+        return negatives
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         """Text of generated ids, special tokens and surrounding whitespace removed."""
@@ -222,6 +313,7 @@ class VLMProcessor:
             "max_length": self.max_length,
             "system_prompt": self.system_prompt,
             "image_size": t.size, "image_mean": list(t.mean), "image_std": list(t.std), "image_aspect": t.aspect,
+            "layout": self.layout, "answers": self.answers,
         }, indent=2))
 
     @classmethod
@@ -240,4 +332,5 @@ class VLMProcessor:
         return cls(
             load_tokenizer(str(folder / "tokenizer")), TEMPLATES.get(cfg["template"]), transform,
             cfg["num_image_tokens"], cfg["max_length"], cfg.get("system_prompt"),
+            cfg.get("layout", "decoder"), cfg.get("answers"),
         )

@@ -195,6 +195,13 @@ TEMPLATES.register(
     ),
 )
 TEMPLATES.register(
+    "qa",
+    FormatTemplate(
+        name="qa", system="{content}\n", user="Question: {content}", assistant_prefix=" Answer:",
+        assistant=" {content}{eos}", assistant_suffix="\n", stop=("{eos}",),
+    ),
+)
+TEMPLATES.register(
     "vicuna_v1",
     FormatTemplate(
         name="vicuna_v1", system="{content}", first_separator=" ", user="USER: {content} ", assistant_prefix="ASSISTANT:",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from vlmkit.config import LoraSettings
+from vlmkit.config import LoraSettings, complete_policy
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.training.lora import apply_lora, has_lora
 
@@ -27,15 +27,19 @@ def apply_policy(model: VisionLanguageModel, policy: dict[str, str], lora: LoraS
 
     Frozen parts are put in eval mode so normalisation statistics and dropout do not change them.
 
+    Task heads outside the language model's transformers model (encoder-only backbones) train
+    whenever the language part is not frozen, LoRA included.
+
     Raises:
-        ValueError: ``lora`` requested for the connector (it is small; train it ``full``).
+        ValueError: ``lora`` requested for the connector or fusion blocks (small; train them ``full``).
     """
+    policy = complete_policy(policy)
     reports = []
     for name, part in model.parts().items():
-        mode = policy.get(name, "frozen")
+        mode = policy[name]
         if mode == "lora":
-            if name == "connector":
-                raise ValueError("policy connector=lora is not supported; the connector is small, use 'full' or 'frozen'")
+            if name in ("connector", "fusion"):
+                raise ValueError(f"policy {name}=lora is not supported; the {name} is small, use 'full' or 'frozen'")
             if not has_lora(part):
                 for p in part.parameters():
                     p.requires_grad_(False)
@@ -46,6 +50,9 @@ def apply_policy(model: VisionLanguageModel, policy: dict[str, str], lora: LoraS
                 p.requires_grad_(mode == "full")
         if name == "vision" and mode != "frozen":
             _freeze_unused(part)
+        if name == "language" and mode != "frozen":
+            for p in part.extra_parameters():
+                p.requires_grad_(True)
         total = sum(p.numel() for p in part.parameters())
         trainable = sum(p.numel() for p in part.parameters() if p.requires_grad)
         reports.append(PartReport(name, mode, total, trainable))
@@ -79,5 +86,6 @@ def format_policy(stage: str, reports: list[PartReport]) -> str:
 
 def set_train_modes(model: VisionLanguageModel, policy: dict[str, str]) -> None:
     """Training mode for parts that train, eval mode for frozen ones (no BatchNorm/dropout drift)."""
+    policy = complete_policy(policy)
     for name, part in model.parts().items():
-        part.train(policy.get(name, "frozen") != "frozen")
+        part.train(policy[name] != "frozen")

@@ -25,6 +25,8 @@ from accelerate.utils import set_seed
 
 from vlmkit.config import ConfigError, RecipeConfig, save_yaml, to_dict
 from vlmkit.data import ConversationDataset, iter_texts, load_source
+from vlmkit.data.answers import answer_vocabulary
+from vlmkit.models.language import BACKBONES
 from vlmkit.models.build import build_model, save_model
 from vlmkit.processing.templates import TEMPLATES
 from vlmkit.processing.tokenizer import load_tokenizer
@@ -116,6 +118,22 @@ def run_training(
         handler.close()
 
 
+def _ensure_answers(recipe: RecipeConfig, sources: dict, out: Path) -> None:
+    """Encoder-only backbones classify answers: without ``model.answers``, build the vocabulary from
+    the replies of every stage whose data is not caption data (template ``plain``; captions are
+    image-text matching pairs), and keep it in ``answers.json`` so a resumed run uses the same one."""
+    if BACKBONES.get(recipe.model.language.backbone).kind != "encoder" or recipe.model.answers:
+        return
+    path = out / "answers.json"
+    if path.is_file():
+        recipe.model.answers = json.loads(path.read_text())
+        return
+    samples = [s for stage in recipe.stages if stage.data.template != "plain" for s in sources[stage.name].samples]
+    recipe.model.answers = answer_vocabulary(samples)
+    path.write_text(json.dumps(recipe.model.answers, indent=1))
+    log.info("answer vocabulary: %d answers from the training data -> %s", len(recipe.model.answers), path)
+
+
 def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, evaluate: bool, started: float) -> RunSummary:
     train = recipe.train
     if train.threads:
@@ -140,6 +158,7 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, evaluate: boo
             tokenizer.save_pretrained(tok_dir)
             log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(tokenizer), len(texts), tok_dir)
 
+    _ensure_answers(recipe, sources, out)
     set_seed(train.seed)
     model, processor = build_model(recipe.model, tokenizer)
     model.to(accelerator.device)

@@ -3,8 +3,10 @@
 ::
 
     stages/<name>/connector.safetensors     connector trained (full): LLaVA's mm_projector
+    stages/<name>/fusion.safetensors        cross-attention blocks trained (full)
     stages/<name>/vision/, language/        a part trained in full (transformers format)
-    stages/<name>/adapters/<part>/          a part trained with LoRA (peft format), merged afterwards
+    stages/<name>/adapters/<part>/          a part trained with LoRA (peft format), merged afterwards;
+                                            for the language part also its task heads (heads.safetensors)
     stages/<name>/stage.json                written last: the stage is complete
 
 Re-applying the outputs of completed stages, in order, to a freshly built model reproduces the
@@ -19,13 +21,15 @@ from pathlib import Path
 
 import transformers
 
-from vlmkit.fileio import atomic_directory, quiet_hf_progress, save_tensors, write_json_atomic
+from vlmkit.fileio import atomic_directory, load_tensors, quiet_hf_progress, save_tensors, write_json_atomic
 from vlmkit.models.build import load_connector
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.training.lora import load_lora, merge_lora, save_lora
 from vlmkit.training.trainer import StageResult
 
 DONE_FILE = "stage.json"
+TENSOR_PARTS = ("connector", "fusion")  # plain modules saved as one safetensors file
+HEADS_FILE = "heads.safetensors"
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -41,14 +45,17 @@ def save_stage_output(model: VisionLanguageModel, policy: dict[str, str], folder
         if mode == "lora":
             with atomic_directory(folder / "adapters" / name) as tmp:
                 save_lora(part, tmp)
+                heads = part.extra_state() if name == "language" else {}
+                if heads:
+                    save_tensors(heads, tmp / HEADS_FILE)
             merge_lora(part)
+        elif mode == "full" and name in TENSOR_PARTS:
+            state = part.state_dict()
+            if state:
+                save_tensors(state, folder / f"{name}.safetensors")
         elif mode == "full":
-            if name == "connector":
-                save_tensors(part.state_dict(), folder / "connector.safetensors")
-            else:
-                hf = part.tower if name == "vision" else part.hf_model
-                with atomic_directory(folder / name) as tmp, quiet_hf_progress():
-                    hf.save_pretrained(tmp)
+            with atomic_directory(folder / name) as tmp, quiet_hf_progress():
+                (part.tower if name == "vision" else part).save_pretrained(tmp)
     write_json_atomic(folder / DONE_FILE, {"policy": policy, **{k: v for k, v in asdict(result).items() if k != "losses"}})
 
 
@@ -62,11 +69,14 @@ def apply_stage_output(model: VisionLanguageModel, folder: str | Path) -> None:
             if mode == "lora":
                 load_lora(part, folder / "adapters" / name)
                 merge_lora(part)
+                heads = folder / "adapters" / name / HEADS_FILE
+                if heads.is_file():
+                    part.load_extra_state(load_tensors(heads))
+            elif mode == "full" and name in TENSOR_PARTS:
+                if (folder / f"{name}.safetensors").is_file():
+                    load_connector(part, folder / f"{name}.safetensors")
+            elif mode == "full" and name == "vision":
+                cls = getattr(transformers, part.spec.model_class)
+                part.tower = cls.from_pretrained(folder / "vision", dtype=part.dtype)
             elif mode == "full":
-                if name == "connector":
-                    load_connector(part, folder / "connector.safetensors")
-                elif name == "vision":
-                    cls = getattr(transformers, part.spec.model_class)
-                    part.tower = cls.from_pretrained(folder / "vision", dtype=part.dtype)
-                else:
-                    part.model = transformers.AutoModelForCausalLM.from_pretrained(folder / "language", dtype=part.dtype)
+                part.load_pretrained(folder / "language")

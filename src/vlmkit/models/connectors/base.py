@@ -29,6 +29,11 @@ class Connector(nn.Module, abc.ABC):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Map ``(B, N, D_vision)`` to ``(B, num_output_tokens, D_language)``."""
 
+    def saved_options(self, options: dict) -> dict:
+        """The options a saved model records to rebuild this connector before loading its weights
+        (a connector initialised from an outside checkpoint replaces that source by its shapes)."""
+        return dict(options)
+
 
 class TokenMerge(nn.Module):
     """Concatenate each ``k x k`` block of a square token grid into one token (pixel-unshuffle).
@@ -70,3 +75,52 @@ def check_dims(name: str, in_dim: int, out_dim: int) -> None:
     """Raise a build-time error for non-positive widths instead of failing deep in a matmul."""
     if in_dim <= 0 or out_dim <= 0:
         raise ValueError(f"connector {name!r} needs positive widths, got vision {in_dim} -> language {out_dim}")
+
+
+def square_side(name: str, num_input_tokens: int) -> int:
+    """Return the side ``S`` of a square token grid with ``S * S == num_input_tokens``.
+
+    Raises:
+        ValueError: ``num_input_tokens`` is not a positive perfect square; the message names the
+            connector and the count, and suggests dropping the CLS token when that would fix it.
+    """
+    side = math.isqrt(num_input_tokens) if num_input_tokens > 0 else 0
+    if side == 0 or side * side != num_input_tokens:
+        hint = ""
+        below = math.isqrt(num_input_tokens - 1) if num_input_tokens > 1 else 0
+        if below and below * below == num_input_tokens - 1:
+            hint = f"; {below}x{below} patches plus one token: drop the CLS token (model.vision.drop_cls: true)"
+        raise ValueError(
+            f"connector {name!r} needs a square token grid, but the vision encoder emits "
+            f"{num_input_tokens} tokens (not a square){hint}"
+        )
+    return side
+
+
+def tokens_to_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """Lay row-major tokens out as an image: ``(B, S*S, D) -> (B, D, S, S)``.
+
+    Raises:
+        ValueError: the sequence length is not ``side * side`` (the tower emits a different count
+            than the connector was built for).
+    """
+    b, n, d = tokens.shape
+    if n != side * side:
+        raise ValueError(f"connector was built for a {side}x{side} token grid ({side * side} tokens), got {n} tokens")
+    return tokens.transpose(1, 2).reshape(b, d, side, side)
+
+
+def grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tokens_to_grid`: ``(B, D, H, W) -> (B, H*W, D)`` row-major."""
+    return grid.flatten(2).transpose(1, 2)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a ``(B, C, H, W)`` map (ConvNeXt-style).
+
+    Unlike BatchNorm it does not depend on the batch, so a connector behaves the same at batch size
+    1, in eval mode and when training with gradient accumulation.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -1,6 +1,18 @@
-"""Language backbones: the family table and the adapters."""
+"""Language backbones: the family table and the adapters (one per architecture kind)."""
 
-from vlmkit.models.language.base import BACKBONES, BackboneSpec, CausalLanguageModel, family_for_model_type
-from vlmkit.models.language.families import build_language_model
+from vlmkit.models.language.base import (
+    BACKBONES,
+    BackboneSpec,
+    CausalLanguageModel,
+    LanguageModel,
+    NotGenerativeError,
+    family_for_model_type,
+)
+from vlmkit.models.language.encoder import EncoderLanguageModel
+from vlmkit.models.language.families import ADAPTERS, build_language_model
+from vlmkit.models.language.seq2seq import Seq2SeqLanguageModel
 
-__all__ = ["BACKBONES", "BackboneSpec", "CausalLanguageModel", "build_language_model", "family_for_model_type"]
+__all__ = [
+    "ADAPTERS", "BACKBONES", "BackboneSpec", "CausalLanguageModel", "EncoderLanguageModel", "LanguageModel",
+    "NotGenerativeError", "Seq2SeqLanguageModel", "build_language_model", "family_for_model_type",
+]

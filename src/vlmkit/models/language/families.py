@@ -1,22 +1,60 @@
-"""Registry entries for decoder-only language backbone families and the builder."""
+"""The language backbone table (registry entries) and the builder.
+
+Adding a family is one :class:`BackboneSpec` here; the adapter is chosen by its ``kind``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import transformers
 
 from vlmkit.models.hf_config import make_hf_config, override_fields
-from vlmkit.models.language.base import BACKBONES, BackboneSpec, CausalLanguageModel, family_for_model_type
+from vlmkit.models.language.base import BACKBONES, BackboneSpec, CausalLanguageModel, LanguageModel, family_for_model_type
+from vlmkit.models.language.encoder import EncoderLanguageModel
+from vlmkit.models.language.seq2seq import Seq2SeqLanguageModel
+
+#: adapter class per architecture kind
+ADAPTERS: dict[str, type[LanguageModel]] = {
+    "decoder": CausalLanguageModel,
+    "encoder-decoder": Seq2SeqLanguageModel,
+    "encoder": EncoderLanguageModel,
+}
+
+_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _chinchilla(d_model: int, layers: int, heads: int) -> dict[str, Any]:
+    """Chinchilla's shape parameters (Hoffmann et al. 2022) as Llama config fields: feed-forward
+    width 4 x d_model, 2,048-token context. The vocabulary comes from the tokenizer (Chinchilla's
+    was a 32k SentencePiece)."""
+    return {
+        "hidden_size": d_model, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "intermediate_size": 4 * d_model, "max_position_embeddings": 2048,
+    }
+
 
 for _spec in (
     BackboneSpec(
-        name="llama", model_types=("llama",), config_class="LlamaConfig", default_template="llama3",
-        sizes="1B-70B", used_by="LLaVA, LLaVA-1.5 (via Vicuna), MM1-style models", example="meta-llama/Llama-3.2-1B-Instruct",
+        name="opt", model_types=("opt",), config_class="OPTConfig", default_template="qa",
+        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), hidden_size_field="word_embed_proj_dim",
+        sizes="125M-66B", used_by="BLIP-2 OPT", example="facebook/opt-2.7b",
+        notes="learned positions; OPT-350m projects embeddings (word_embed_proj_dim) to the hidden size",
     ),
     BackboneSpec(
-        name="qwen2", model_types=("qwen2",), config_class="Qwen2Config", default_template="chatml",
-        sizes="0.5B-72B", used_by="LLaVA-OneVision, Bunny-Qwen", example="Qwen/Qwen2.5-0.5B-Instruct",
+        name="llama", model_types=("llama",), config_class="LlamaConfig", default_template="llama3",
+        sizes="1B-70B", used_by="LLaVA, MM1-style models", example="meta-llama/Llama-3.2-1B-Instruct",
+    ),
+    BackboneSpec(
+        name="vicuna", model_types=("llama",), config_class="LlamaConfig", default_template="vicuna_v1",
+        sizes="7B-13B", used_by="LLaVA-1.5, InstructBLIP-Vicuna, MiniGPT-4", example="lmsys/vicuna-7b-v1.5",
+        notes="LLaMA weights with the vicuna_v1 conversation template",
+    ),
+    BackboneSpec(
+        name="mistral", model_types=("mistral",), config_class="MistralConfig", default_template="chatml",
+        sizes="7B", used_by="LLaVA-NeXT-Mistral, Idefics2", example="mistralai/Mistral-7B-Instruct-v0.2",
+        notes="sliding-window attention kept from the config (sliding_window)",
     ),
     BackboneSpec(
         name="phi", model_types=("phi",), config_class="PhiConfig", default_template="chatml",
@@ -24,11 +62,64 @@ for _spec in (
         sizes="1.3B-2.7B", used_by="LLaVA-Phi, Bunny-Phi, TinyLLaVA", example="microsoft/phi-2",
     ),
     BackboneSpec(
-        name="mistral", model_types=("mistral",), config_class="MistralConfig", default_template="chatml",
-        sizes="7B", used_by="LLaVA-NeXT-Mistral, Idefics2", example="mistralai/Mistral-7B-Instruct-v0.2",
+        name="qwen2", model_types=("qwen2",), config_class="Qwen2Config", default_template="chatml",
+        sizes="0.5B-72B", used_by="LLaVA-OneVision, Bunny-Qwen", example="Qwen/Qwen2.5-0.5B-Instruct",
+    ),
+    BackboneSpec(
+        name="qwen3", model_types=("qwen3",), config_class="Qwen3Config", default_template="chatml",
+        sizes="0.6B-32B", used_by="Qwen3-VL-style models", example="Qwen/Qwen3-0.6B",
+    ),
+    BackboneSpec(
+        name="flan_t5", model_types=("t5",), config_class="T5Config", kind="encoder-decoder", default_template="qa",
+        lora_targets=("q", "k", "v", "o", "wi_0", "wi_1", "wo"), hidden_size_field="d_model", plain_head=False,
+        sizes="80M-11B", used_by="BLIP-2 FlanT5, InstructBLIP-FlanT5", example="google/flan-t5-xl",
+        defaults={"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+        notes="visual tokens + prompt enter the encoder; the decoder writes the answer",
+    ),
+    BackboneSpec(
+        name="roberta", model_types=("roberta",), config_class="RobertaConfig", kind="encoder", default_template="qa",
+        lora_targets=("query", "key", "value", "dense"), plain_head=False,
+        sizes="125M-355M", used_by="VisualBERT/ViLT-style discriminative VQA and ITM", example="FacebookAI/roberta-base",
+        notes="discriminative: VQA as answer classification, image-text matching; no generation",
+    ),
+    BackboneSpec(
+        name="chinchilla", model_types=("llama",), config_class="LlamaConfig", default_template="chatml",
+        sizes="70B (44M-16B scaling grid)", used_by="Flamingo", pretrained_weights=False,
+        # without a preset: the smallest shape of the paper's grid, never a surprise 70B allocation
+        defaults={**_chinchilla(512, 8, 8), "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+        presets={
+            "chinchilla-70b": _chinchilla(8192, 80, 64),  # the published Chinchilla: 80 layers, 64 heads of 128
+            "chinchilla-44m": _chinchilla(512, 8, 8),  # smallest model of the scaling grid
+            "chinchilla-tiny": _chinchilla(128, 2, 2),  # scaled down by us for CPU experiments and tests
+        },
+        notes="architecture preset (RMSNorm, Chinchilla shapes; RoPE replaces relative positions); no public weights",
     ),
 ):
     BACKBONES.register(_spec.name, _spec)
+
+
+def _check_pretrained_source(spec: BackboneSpec, pretrained: str) -> None:
+    if not spec.pretrained_weights and not Path(pretrained).is_dir():
+        presets = ", ".join(spec.presets)
+        raise ValueError(
+            f"{spec.name} weights were never published, so model.language.pretrained={pretrained!r} cannot be loaded; "
+            f"build it from scratch with model.language.preset (one of {presets}) and train it, or load a folder you saved"
+        )
+
+
+def _from_scratch_fields(spec: BackboneSpec, preset: str | None, config: dict[str, Any], special: dict[str, int]) -> dict[str, Any]:
+    fields = dict(spec.defaults)
+    if preset is not None:
+        if preset not in spec.presets:
+            valid = ", ".join(spec.presets) or "(this family has none)"
+            raise ValueError(f"model.language.preset={preset!r} is not a {spec.name} preset; valid: {valid}")
+        fields.update(spec.presets[preset])
+    # only ids the family's config defines: a fixed default such as OPT's pad_token_id=1 would
+    # otherwise zero and freeze the embedding of whatever token has that id in another tokenizer
+    defaults = getattr(transformers, spec.config_class)()
+    fields.update({k: v for k, v in special.items() if getattr(defaults, k, None) is not None})
+    fields.update(config)
+    return fields
 
 
 def build_language_model(
@@ -38,20 +129,33 @@ def build_language_model(
     vocab_size: int | None = None,
     dtype: Any = None,
     trust_remote_code: bool = False,
-) -> CausalLanguageModel:
+    preset: str | None = None,
+    special_tokens: dict[str, int] | None = None,
+    answers: list[str] | None = None,
+) -> LanguageModel:
     """Build the language model of family ``backbone`` from pretrained weights or a config.
 
     Args:
         vocab_size: the tokenizer's length; embeddings are sized (from scratch) or resized
             (pretrained, when the tokenizer gained tokens such as ``<image>``) to it.
+        preset: a named shape of the family (from scratch only).
+        special_tokens: ``pad_token_id`` / ``eos_token_id`` / ``bos_token_id`` of the tokenizer, set on
+            from-scratch configs (and the decoder start token of encoder-decoders).
+        answers: the answer vocabulary (encoder-only families).
 
     Raises:
         RegistryError: unknown ``backbone`` (lists the valid ids).
-        ValueError: the pretrained checkpoint's ``model_type`` belongs to another family, or a config
-            key is unknown to the family's config class.
+        ValueError: the pretrained checkpoint's ``model_type`` belongs to another family, a family
+            without published weights is asked for them, an unknown preset, or a config key unknown
+            to the family's config class.
     """
     spec = BACKBONES.get(backbone)
+    adapter = ADAPTERS[spec.kind]
+    auto = getattr(transformers, adapter.auto_class)
     if pretrained:
+        _check_pretrained_source(spec, pretrained)
+        if preset is not None:
+            raise ValueError(f"model.language.preset={preset!r} builds from scratch; it cannot be combined with model.language.pretrained")
         hf_config = transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         if hf_config.model_type not in spec.model_types:
             raise ValueError(
@@ -59,17 +163,27 @@ def build_language_model(
                 f"(accepts {', '.join(spec.model_types)}); use model.language.backbone={family_for_model_type(hf_config.model_type)}"
             )
         override_fields(hf_config, config, "model.language.config")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            pretrained, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code
+        model = auto.from_pretrained(
+            pretrained, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code, **adapter.model_kwargs
         )
         if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab_size)
     else:
-        fields = {**spec.defaults, **config}
+        fields = _from_scratch_fields(spec, preset, config, special_tokens or {})
         if vocab_size is not None:
             fields["vocab_size"] = max(vocab_size, int(fields.get("vocab_size", 0)))
         hf_config = make_hf_config(spec.config_class, fields, "model.language.config")
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        if spec.kind == "encoder-decoder":  # T5's convention: the decoder starts from the pad token
+            hf_config.decoder_start_token_id = hf_config.pad_token_id
+        model = auto.from_config(hf_config, **adapter.model_kwargs)
+        if spec.kind == "encoder-decoder":
+            model.generation_config.decoder_start_token_id = hf_config.pad_token_id
         if dtype is not None:
             model = model.to(dtype)
-    return CausalLanguageModel(model, spec)
+    language = EncoderLanguageModel(model, spec, answers or []) if spec.kind == "encoder" else adapter(model, spec)
+    heads = Path(pretrained or "") / "heads.safetensors"
+    if pretrained and heads.is_file():
+        from vlmkit.fileio import load_tensors
+
+        language.load_extra_state(load_tensors(heads))
+    return language

@@ -1,0 +1,100 @@
+"""Encoder-only adapter (RoBERTa): discriminative, not generative.
+
+Visual tokens and text go through the bidirectional encoder together; the hidden state of the first
+attended token summarises the pair (as ViLT and BLIP's ITM head do). Two heads:
+
+* VQA as classification over an answer vocabulary built from the training data
+  (``labels`` ``(B,)``: answer index, ``-100`` for rows that are not VQA examples);
+* image-text matching (``match_labels`` ``(B,)``: 1 = the text describes the image, 0 = it does not,
+  ``-100`` for rows that are not ITM pairs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.models.language.base import IGNORE_INDEX, BackboneSpec, LanguageModel, LossOutput, NotGenerativeError
+
+
+class EncoderLanguageModel(LanguageModel):
+    """Adapter around an ``AutoModel`` encoder with a VQA classifier and an ITM head.
+
+    Args:
+        model: e.g. a ``RobertaModel`` (no pooler; the first attended token is pooled here).
+        spec: its family.
+        answers: the answer vocabulary; the classifier has one output per answer.
+    """
+
+    auto_class = "AutoModel"
+    model_kwargs = {"add_pooling_layer": False}
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, answers: list[str]):
+        super().__init__(model, spec)
+        if not answers:
+            raise ValueError(
+                f"the {spec.name!r} backbone is encoder-only: VQA is classification and needs model.answers "
+                "(the answer vocabulary; `vlmkit train` builds it from the training data)"
+            )
+        self.answers = list(answers)
+        h = self.hidden_size
+        self.vqa_head = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h), nn.Linear(2 * h, len(self.answers)))
+        self.itm_head = nn.Linear(h, 2)
+        self.to(self.dtype)
+
+    # -- heads are weights outside the transformers model --------------------------------------
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {f"vqa_head.{k}": v for k, v in self.vqa_head.state_dict().items()} | {
+            f"itm_head.{k}": v for k, v in self.itm_head.state_dict().items()
+        }
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, head in (("vqa_head", self.vqa_head), ("itm_head", self.itm_head)):
+            sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            head.load_state_dict(sub, strict=True)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [*self.vqa_head.parameters(), *self.itm_head.parameters()]
+
+    # -- forward ---------------------------------------------------------------------------------
+    def pooled(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Hidden state ``(B, H)`` of each row's first attended token (left or right padding)."""
+        out = self.hf_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        hidden = out.last_hidden_state
+        if attention_mask is None:
+            return hidden[:, 0]
+        first = attention_mask.long().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+
+    def logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        """VQA answer logits ``(B, num_answers)``."""
+        return self.vqa_head(self.pooled(inputs_embeds, attention_mask))
+
+    def match_logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Image-text matching logits ``(B, 2)`` (index 1 = match)."""
+        return self.itm_head(self.pooled(inputs_embeds, attention_mask))
+
+    def loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """Mean answer cross-entropy over VQA rows plus mean ITM cross-entropy over ITM rows."""
+        pooled = self.pooled(inputs_embeds, attention_mask)
+        total = pooled.sum() * 0.0
+        count = 0
+        for head, key in ((self.vqa_head, "labels"), (self.itm_head, "match_labels")):
+            targets = batch.get(key)
+            if targets is None:
+                continue
+            rows = targets != IGNORE_INDEX
+            if rows.any():
+                total = total + F.cross_entropy(head(pooled[rows]).float(), targets[rows])
+                count += int(rows.sum())
+        return LossOutput(total, count)
+
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        raise NotGenerativeError(
+            f"the {self.spec.name!r} backbone is encoder-only and cannot generate text; it answers by classification "
+            f"over its {len(self.answers)} training answers (VLMPipeline.classify, or `vlmkit eval`, which uses it) "
+            "and scores image-text matches (VLMPipeline.match_scores)"
+        )

