@@ -239,3 +239,36 @@ def test_qformer_from_minilm_saves_without_its_init_source(tokenizer, tmp_path):
     reloaded, _ = load_model(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, logits)
+
+
+@pytest.mark.parametrize("backbone,language_policy", [("flan_t5", "full"), ("roberta", "lora"), ("opt", "full")])
+def test_two_stage_run_and_reuse_for_non_llama_kinds(llava_data, tmp_path, backbone, language_policy):
+    """Stage outputs (full weights, LoRA adapters + task heads) re-apply on a second run, and the
+    answer vocabulary of an encoder-only model is built from the training replies."""
+    import json
+
+    from conftest import tiny_recipe_dict
+    from vlmkit.config import RecipeConfig, from_dict
+    from vlmkit.training.run import run_training
+
+    recipe = tiny_recipe_dict(llava_data, tmp_path / "run")
+    recipe["model"]["language"] = {"backbone": backbone, "config": dict(TINY_LM[backbone]), "tokenizer": {"train_vocab_size": 300}}
+    recipe["model"]["template"] = "qa"
+    recipe["stages"][1]["policy"]["language"] = language_policy
+    if backbone == "roberta":  # captions are matching pairs; the QA stage is classification
+        recipe["stages"][0]["data"]["template"] = "plain"
+    summary = run_training(from_dict(RecipeConfig, recipe))
+    if backbone == "roberta":
+        assert json.loads((tmp_path / "run" / "answers.json").read_text()) == ["blue", "green", "red", "yellow"]
+        if language_policy == "lora":
+            assert (tmp_path / "run" / "stages" / "instruct" / "adapters" / "language" / "heads.safetensors").is_file()
+    model, processor = load_model(summary.model_dir)
+    image = Image.new("RGB", (32, 32), (210, 30, 30))
+    enc = processor.collate([processor.prompt("what color is the image?", [image])], padding_side="left")
+    with torch.no_grad():
+        first = model(**enc).logits
+    again = run_training(from_dict(RecipeConfig, recipe))  # every stage complete: outputs re-applied from disk
+    assert all(s.get("reused") for s in again.stages.values())
+    model2, _ = load_model(again.model_dir)
+    with torch.no_grad():
+        assert torch.equal(model2(**enc).logits, first)

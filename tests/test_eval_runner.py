@@ -47,11 +47,11 @@ class Recording:
     def __init__(self, pipe, stop_after: int | None = None):
         self.pipe, self.stop_after, self.batches = pipe, stop_after, []
 
-    def generate(self, prompts, images, settings):
+    def answer(self, prompts, images, settings):
         if self.stop_after is not None and len(self.batches) == self.stop_after:
             raise KeyboardInterrupt
         self.batches.append(len(prompts))
-        return self.pipe.generate(prompts, images, settings)
+        return self.pipe.answer(prompts, images, settings)
 
 
 def read_predictions(path: Path) -> dict[str, str]:
@@ -141,7 +141,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
         self.wfile.write(payload.encode())
 
     def log_message(self, *args):
-        pass
+        """Keep the test output free of the server's request log."""
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ class EchoPipeline:
     def __init__(self):
         self.batches = []
 
-    def generate(self, prompts, images, settings):
+    def answer(self, prompts, images, settings):
         self.batches.append(len(prompts))
         return [p.upper() for p in prompts]
 
