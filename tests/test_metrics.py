@@ -352,7 +352,10 @@ def test_caption_scores_hand_worked(caption_example):
     #   1: identical to ref 1 -> 1;  2: LCS 2 with ref 2 (P = R = 2/3) -> 2/3;
     #   3: LCS "a rides a" = 3 with ref 1 (P = R = 3/5) -> 3/5;  mean (1 + 2/3 + 3/5) / 3 = 34/45.
     assert s["ROUGE-L"] == pytest.approx(34 / 45, rel=1e-9)
-    assert 1 >= s["BLEU-1"] >= s["BLEU-2"] >= s["BLEU-3"] >= s["BLEU-4"] > 0
+    # Trigrams: 1: 4/4; 2: "a cat sleeps" is in no reference 0/1; 3: none of 3 -> 4/8.
+    assert s["BLEU-3"] == pytest.approx((6 / 7 * 8 / 11 * 4 / 8) ** (1 / 3), rel=1e-8)
+    # 4-grams: 1: 3/3; 2: none (too short); 3: none of 2 -> 3/5.
+    assert s["BLEU-4"] == pytest.approx((6 / 7 * 8 / 11 * 4 / 8 * 3 / 5) ** (1 / 4), rel=1e-8)
     assert s["CIDEr"] > 0
 
 

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import transformers
 
-from vlmkit.fileio import atomic_directory, load_tensors, quiet_hf_progress, save_tensors, write_json_atomic
+from vlmkit.fileio import atomic_directory, quiet_hf_progress, save_tensors, write_json_atomic
 from vlmkit.models.build import load_connector
+from vlmkit.models.language.base import HEADS_FILE
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.training.lora import load_lora, merge_lora, save_lora
 from vlmkit.training.trainer import StageResult
 
 DONE_FILE = "stage.json"
 TENSOR_PARTS = ("connector", "fusion")  # plain modules saved as one safetensors file
-HEADS_FILE = "heads.safetensors"
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -69,9 +69,7 @@ def apply_stage_output(model: VisionLanguageModel, folder: str | Path) -> None:
             if mode == "lora":
                 load_lora(part, folder / "adapters" / name)
                 merge_lora(part)
-                heads = folder / "adapters" / name / HEADS_FILE
-                if heads.is_file():
-                    part.load_extra_state(load_tensors(heads))
+                part.load_heads(folder / "adapters" / name)
             elif mode == "full" and name in TENSOR_PARTS:
                 if (folder / f"{name}.safetensors").is_file():
                     load_connector(part, folder / f"{name}.safetensors")

@@ -22,6 +22,7 @@ from vlmkit.registry import Registry
 
 IGNORE_INDEX = -100
 KINDS = ("decoder", "encoder-decoder", "encoder")
+HEADS_FILE = "heads.safetensors"  # task heads saved beside a transformers model folder
 
 
 @dataclass(frozen=True)
@@ -159,16 +160,20 @@ class LanguageModel(nn.Module, abc.ABC):
         self.hf_model.save_pretrained(folder)
         extra = self.extra_state()
         if extra:
-            save_tensors(extra, Path(folder) / "heads.safetensors")
+            save_tensors(extra, Path(folder) / HEADS_FILE)
 
     def load_pretrained(self, folder: str | Path) -> None:
         """Replace the weights with a folder written by :meth:`save_pretrained` (same architecture)."""
         import transformers
 
+        self.model = getattr(transformers, self.auto_class).from_pretrained(folder, dtype=self.dtype, **self.model_kwargs)
+        self.load_heads(folder)
+
+    def load_heads(self, folder: str | Path) -> None:
+        """Load ``heads.safetensors`` from ``folder`` when it is there (see :meth:`save_pretrained`)."""
         from vlmkit.fileio import load_tensors
 
-        self.model = getattr(transformers, self.auto_class).from_pretrained(folder, dtype=self.dtype, **self.model_kwargs)
-        heads = Path(folder) / "heads.safetensors"
+        heads = Path(folder) / HEADS_FILE
         if heads.is_file():
             self.load_extra_state(load_tensors(heads))
 

@@ -46,15 +46,16 @@ class EncoderLanguageModel(LanguageModel):
         self.to(self.dtype)
 
     # -- heads are weights outside the transformers model --------------------------------------
+    _HEADS = ("vqa_head", "itm_head")
+
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {f"vqa_head.{k}": v for k, v in self.vqa_head.state_dict().items()} | {
-            f"itm_head.{k}": v for k, v in self.itm_head.state_dict().items()
-        }
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in self._HEADS}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name, head in (("vqa_head", self.vqa_head), ("itm_head", self.itm_head)):
-            sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
-            head.load_state_dict(sub, strict=True)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.split(".", 1)[0] in self._HEADS]
+        if missing or unexpected:
+            raise ValueError(f"saved task heads do not fit this model: missing {missing}, unexpected {unexpected}")
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [*self.vqa_head.parameters(), *self.itm_head.parameters()]

@@ -181,9 +181,6 @@ def build_language_model(
         if dtype is not None:
             model = model.to(dtype)
     language = EncoderLanguageModel(model, spec, answers or []) if spec.kind == "encoder" else adapter(model, spec)
-    heads = Path(pretrained or "") / "heads.safetensors"
-    if pretrained and heads.is_file():
-        from vlmkit.fileio import load_tensors
-
-        language.load_extra_state(load_tensors(heads))
+    if pretrained and Path(pretrained).is_dir():
+        language.load_heads(pretrained)
     return language
