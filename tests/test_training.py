@@ -185,6 +185,17 @@ def test_gradient_checkpointing_gives_the_same_losses(llava_data, tmp_path):
     assert losses_of(tmp_path / "ckpt", "align") == pytest.approx(losses_of(tmp_path / "plain", "align"), rel=1e-5)
 
 
+def test_gradient_checkpointing_is_enabled_in_both_towers(build_tiny):
+    from vlmkit.training.trainer import enable_gradient_checkpointing
+
+    model, _ = build_tiny()
+    towers = (model.vision.tower, model.language.hf_model)
+    assert [t.is_activation_checkpointing for t in towers] == [False, False]
+    enable_gradient_checkpointing(model)
+    assert [t.is_activation_checkpointing for t in towers] == [True, True]
+    assert model.language.hf_model.config.use_cache is False
+
+
 def test_training_reduces_loss(llava_data, tmp_path):
     cfg = recipe(llava_data, tmp_path / "r", max_steps=20, lr=3e-3, warmup_ratio=0.0,
                  policy={"vision": "full", "connector": "full", "language": "full"})
@@ -222,3 +233,31 @@ def test_bf16_run_after_fp32_run_in_one_process(llava_data, tmp_path):
     losses = losses_of(tmp_path / "bf16", "align")
     assert len(losses) == 3 and all(l == l and l < 20 for l in losses)
     assert make_accelerator("fp32").mixed_precision == "no"
+
+
+@pytest.mark.parametrize("added_tokens", [0, 1])
+def test_lora_adapters_carry_the_embeddings_only_when_they_were_resized(tmp_path, added_tokens, recwarn):
+    """A pretrained LM grown by the tokenizer's added tokens (e.g. ``<image>``) saves its embeddings with
+    the adapters, so they apply to the original checkpoint; an unchanged vocabulary saves only LoRA weights.
+    The choice is made without asking peft's "auto" (which reads the base config, possibly from the Hub)."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlmkit.models.language.families import build_language_model
+    from vlmkit.training.lora import apply_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    language = build_language_model("llama", str(tmp_path / "base"), {}, vocab_size=50 + added_tokens)
+    assert language.embeddings_resized is bool(added_tokens)
+    assert language.hf_model.get_input_embeddings().num_embeddings == 50 + added_tokens
+    apply_lora(language, LoraSettings(r=2, alpha=4, dropout=0.0), ("q_proj", "v_proj"))
+    save_lora(language, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    embedding_rows = sorted(s[0] for k, s in shapes.items() if "embed_tokens" in k or "lm_head" in k)
+    assert any("lora_A" in k for k in shapes)
+    assert embedding_rows == ([51, 51] if added_tokens else [])  # input embeddings and the LM head
+    assert not [w for w in recwarn if "save_embedding_layers" in str(w.message)]

@@ -188,6 +188,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(args.batch_size, args.limit, args.max_new_tokens, judge=judge, model_id=model_fingerprint(args.model))
     out = Path(args.out)
     runs = prepare(resolve_data(args.data, tasks, args.split), out, options)  # every file is checked before the model loads
+    for run in runs:
+        if run.done:
+            print(f"{run.spec.title}: resuming, {len(run.items) - len(run.todo)} of {len(run.items)} questions "
+                  f"already answered in {run.log.path}")
     pipe = VLMPipeline.from_pretrained(args.model, device=args.device)
     results = evaluate(pipe, runs, options, out)
     for name, scores in results.items():

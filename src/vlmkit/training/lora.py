@@ -57,9 +57,15 @@ def apply_lora(part: nn.Module, settings: LoraSettings, default_targets: tuple[s
 
 
 def save_lora(part: nn.Module, folder: str | Path) -> None:
-    """Save the part's adapters in peft format into ``folder``."""
+    """Save the part's adapters in peft format into ``folder``.
+
+    The input/output embeddings are saved with them exactly when the part's pretrained embeddings
+    were resized for added tokens (``embeddings_resized``), decided here rather than by peft's
+    "auto", which reads the base model's config and may query the Hub to do so.
+    """
     owner, attr = _holder(part)
-    getattr(owner, attr).save_pretrained(str(folder))
+    resized = bool(getattr(part, "embeddings_resized", False))
+    getattr(owner, attr).save_pretrained(str(folder), save_embedding_layers=resized)
 
 
 def merge_lora(part: nn.Module) -> None:

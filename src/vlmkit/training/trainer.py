@@ -72,7 +72,11 @@ def enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
     """Turn on activation recomputation in every part that supports it."""
     for hf in (model.vision.tower, model.language.hf_model):
         if getattr(hf, "supports_gradient_checkpointing", False):
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(hf, "activation_checkpointing_enable", None)  # transformers' name since late 5.x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.language.hf_model.config.use_cache = False
 
 

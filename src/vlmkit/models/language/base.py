@@ -107,7 +107,9 @@ class LanguageModel(nn.Module, abc.ABC):
         spec: its family.
 
     ``model`` is the attribute LoRA wraps; weights outside it (task heads) are listed by
-    :meth:`extra_state` so stages and model folders save them too.
+    :meth:`extra_state` so stages and model folders save them too. ``embeddings_resized`` is True
+    when pretrained embeddings were grown for the tokenizer's added tokens (LoRA adapters then carry
+    the embeddings, so they apply to the original checkpoint).
     """
 
     auto_class = "AutoModelForCausalLM"
@@ -117,6 +119,7 @@ class LanguageModel(nn.Module, abc.ABC):
         super().__init__()
         self.model = model
         self.spec = spec
+        self.embeddings_resized = False
 
     @property
     def hf_model(self) -> nn.Module:

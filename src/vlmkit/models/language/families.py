@@ -166,9 +166,11 @@ def build_language_model(
         model = auto.from_pretrained(
             pretrained, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code, **adapter.model_kwargs
         )
-        if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        resized = vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings
+        if resized:
             model.resize_token_embeddings(vocab_size)
     else:
+        resized = False
         fields = _from_scratch_fields(spec, preset, config, special_tokens or {})
         if vocab_size is not None:
             fields["vocab_size"] = max(vocab_size, int(fields.get("vocab_size", 0)))
@@ -181,6 +183,7 @@ def build_language_model(
         if dtype is not None:
             model = model.to(dtype)
     language = EncoderLanguageModel(model, spec, answers or []) if spec.kind == "encoder" else adapter(model, spec)
+    language.embeddings_resized = resized
     if pretrained and Path(pretrained).is_dir():
         language.load_heads(pretrained)
     return language
