@@ -108,8 +108,8 @@ class LanguageModel(nn.Module, abc.ABC):
 
     ``model`` is the attribute LoRA wraps; weights outside it (task heads) are listed by
     :meth:`extra_state` so stages and model folders save them too. ``embeddings_resized`` is True
-    when pretrained embeddings were grown for the tokenizer's added tokens (LoRA adapters then carry
-    the embeddings, so they apply to the original checkpoint).
+    when pretrained embeddings were grown for the tokenizer's added tokens; LoRA adapters then carry
+    the grown embeddings, so the adapter folder holds every weight that differs from the checkpoint.
     """
 
     auto_class = "AutoModelForCausalLM"
