@@ -95,8 +95,11 @@ class VLMPipeline:
             self.processor.prompt(p, [as_image(i) for i in imgs], (histories or [None] * len(prompts))[k])
             for k, (p, imgs) in enumerate(zip(prompts, images))
         ]
-        batch = self.processor.collate(encoded, padding_side="left")
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return self._collate(encoded, padding_side="left")
+
+    def _collate(self, encoded: list, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """The processor's batch of ``encoded`` samples, on the model's device."""
+        return {k: v.to(self.device) for k, v in self.processor.collate(encoded, padding_side=padding_side).items()}
 
     def generate(
         self,
@@ -150,7 +153,7 @@ class VLMPipeline:
             self.processor.encode([Message("user", "<image>"), Message("assistant", t)], [as_image(i)], chat, as_pair=True)
             for i, t in zip(images, texts)
         ]
-        batch = {k: v.to(self.device) for k, v in self.processor.collate(encoded).items()}
+        batch = self._collate(encoded)
         scores = self.model.match_scores(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_counts"])
         return scores.tolist()
 

@@ -200,7 +200,7 @@ class VLMProcessor:
             start -= 1
         if self.layout == "encoder-decoder":
             return ids[:start], [l for l in labels[start : end + 1] if l != IGNORE_INDEX], None
-        index = self._answer_index.get(reply.strip())
+        index = self.answer_index(reply)
         if index is None:
             return ids, IGNORE_INDEX, 1
         return ids[:start], index, None

@@ -23,7 +23,6 @@ import transformers
 
 from vlmkit.fileio import atomic_directory, quiet_hf_progress, save_tensors, write_json_atomic
 from vlmkit.models.build import load_connector
-from vlmkit.models.language.base import HEADS_FILE
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.training.lora import load_lora, merge_lora, save_lora
 from vlmkit.training.trainer import StageResult
@@ -45,9 +44,8 @@ def save_stage_output(model: VisionLanguageModel, policy: dict[str, str], folder
         if mode == "lora":
             with atomic_directory(folder / "adapters" / name) as tmp:
                 save_lora(part, tmp)
-                heads = part.extra_state() if name == "language" else {}
-                if heads:
-                    save_tensors(heads, tmp / HEADS_FILE)
+                if name == "language":
+                    part.save_heads(tmp)
             merge_lora(part)
         elif mode == "full" and name in TENSOR_PARTS:
             state = part.state_dict()

@@ -87,7 +87,7 @@ class TaskSpec:
         metric: the headline key of the scores dict.
         report: the keys shown in ``results.md`` (dotted paths into the scores dict).
         percent: scores are fractions shown as percentages (not MME's summed scores).
-        prompt_suffix: what is appended to every question (documentation; the loader appends it).
+        prompt_suffix: the instruction appended to every question (the loaders read it from here).
         max_new_tokens: default generation length.
         needs_data: False for tasks with built-in data (easy-VQA).
         needs_judge: scoring calls an LLM judge (MM-Vet).
@@ -195,6 +195,17 @@ def image_file(folder: Path, name: str, where: str) -> str:
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def group_indices(items: list[EvalItem], key: str, missing: str | None = None) -> dict[str, list[int]]:
+    """``{meta[key]: [item positions]}`` sorted by value, for per-type / per-split breakdowns; items
+    with an empty or absent value go under ``missing`` (left out when it is ``None``)."""
+    groups: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        value = it.meta.get(key) or missing
+        if value is not None:
+            groups.setdefault(value, []).append(k)
+    return dict(sorted(groups.items()))
 
 
 # ---------------------------------------------------------------------------------------------

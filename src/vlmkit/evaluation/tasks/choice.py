@@ -6,23 +6,23 @@ import base64
 import binascii
 import csv
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from vlmkit.evaluation.runner import EvalItem
 from vlmkit.evaluation.tasks.base import (
-    LETTER_ANSWER, EvalDataError, ScoreContext, TaskData, TaskSpec, image_file, need, need_list, read_json, register,
+    LETTER_ANSWER, EvalDataError, ScoreContext, TaskData, TaskSpec, group_indices, image_file, need, need_list, read_json,
+    register,
 )
 
 LETTERS = "ABCDEFGHIJ"
 
 
-def choice_prompt(question: str, options: list[str], context: str = "") -> str:
+def choice_prompt(question: str, options: list[str], context: str = "", suffix: str = LETTER_ANSWER) -> str:
     """LLaVA-1.5's multiple-choice layout: context line, question, ``A. option`` lines, the letter instruction."""
     lines = [context] if context else []
     lines.append(question.strip())
     lines += [f"{LETTERS[k]}. {opt}" for k, opt in enumerate(options)]
-    lines.append(LETTER_ANSWER)
+    lines.append(suffix)
     return "\n".join(lines)
 
 
@@ -56,7 +56,7 @@ def load_scienceqa(data: TaskData) -> list[EvalItem]:
             raise EvalDataError(f"{where}: field 'answer' is {answer}, not an index into its {len(choices)} choices")
         question = need(row, "question", where)
         hint = (row.get("hint") or "").strip()
-        prompt = choice_prompt(question, choices, f"Context: {hint}" if hint else "")
+        prompt = choice_prompt(question, choices, f"Context: {hint}" if hint else "", SCIENCEQA.prompt_suffix)
         items.append(EvalItem(pid, prompt, (image_file(images / split / pid, image, where),), (LETTERS[answer],),
                               {"answer_index": answer, "num_choices": len(choices), "subject": row.get("subject", "")}))
     return items
@@ -70,11 +70,8 @@ def score_scienceqa(items: list[EvalItem], predictions: list[str], ctx: ScoreCon
         return scienceqa_accuracy([predictions[k] for k in ks], [items[k].meta["answer_index"] for k in ks],
                                   [items[k].meta["num_choices"] for k in ks])
 
-    subjects: dict[str, list[int]] = defaultdict(list)
-    for k, it in enumerate(items):
-        subjects[it.meta["subject"] or "-"].append(k)
     return {"accuracy": acc(list(range(len(items)))), "total": len(items),
-            "per_subject": {s: round(acc(ks), 4) for s, ks in sorted(subjects.items())}}
+            "per_subject": {s: round(acc(ks), 4) for s, ks in group_indices(items, "subject", missing="-").items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +135,7 @@ def load_mmbench(data: TaskData) -> list[EvalItem]:
         for k in range(len(options)):
             rotated = options[k:] + options[:k]
             items.append(EvalItem(
-                f"{index}-{k}", choice_prompt(question, rotated, hint), (image,), (LETTERS[(a - k) % len(options)],),
+                f"{index}-{k}", choice_prompt(question, rotated, hint, MMBENCH.prompt_suffix), (image,), (LETTERS[(a - k) % len(options)],),
                 {"group": index, "category": row.get("category") or "-",
                  "options": {LETTERS[j]: o for j, o in enumerate(rotated)}},
             ))

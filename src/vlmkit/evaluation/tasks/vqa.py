@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from vlmkit.evaluation.runner import EvalItem
 from vlmkit.evaluation.tasks.base import (
-    SHORT_ANSWER, EvalDataError, ScoreContext, TaskData, TaskSpec, image_file, mean, need, need_list, read_json,
-    register, with_suffix,
+    SHORT_ANSWER, EvalDataError, ScoreContext, TaskData, TaskSpec, group_indices, image_file, mean, need, need_list,
+    read_json, register, with_suffix,
 )
 
 VIZWIZ_SUFFIX = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER
@@ -29,16 +27,11 @@ def score_vqa(items: list[EvalItem], predictions: list[str], ctx: ScoreContext |
     overall and per ``answer_type`` when the items carry one."""
     from vlmkit.evaluation.metrics import vqa_accuracy
 
-    per_type: dict[str, list[float]] = defaultdict(list)
-    scores = []
-    for it, p in zip(items, predictions):
-        s = vqa_accuracy(p, list(it.answers))
-        scores.append(s)
-        if it.meta.get("answer_type"):
-            per_type[it.meta["answer_type"]].append(s)
+    scores = [vqa_accuracy(p, list(it.answers)) for it, p in zip(items, predictions)]
     out = {"accuracy": mean(scores), "total": len(items)}
+    per_type = group_indices(items, "answer_type")
     if per_type:
-        out["per_answer_type"] = {k: round(mean(v), 4) for k, v in sorted(per_type.items())}
+        out["per_answer_type"] = {t: round(mean([scores[k] for k in ks]), 4) for t, ks in per_type.items()}
     return out
 
 
@@ -66,7 +59,7 @@ def load_vqav2(data: TaskData) -> list[EvalItem]:
         ann = annotations[qid]
         answers = _answer_texts(ann, f"{a_path}, question_id {qid}")
         image = image_file(images, f"COCO_{subtype}_{image_id:012d}.jpg", where)
-        items.append(EvalItem(str(qid), with_suffix(text, SHORT_ANSWER), (image,), tuple(answers),
+        items.append(EvalItem(str(qid), with_suffix(text, VQAV2.prompt_suffix), (image,), tuple(answers),
                               {"answer_type": ann.get("answer_type", ""), "question": text}))
     return items
 
@@ -82,7 +75,7 @@ def load_textvqa(data: TaskData) -> list[EvalItem]:
         text = need(row, "question", where)
         image = image_file(images, f"{need(row, 'image_id', where)}.jpg", where)
         answers = need_list(row, "answers", where)
-        items.append(EvalItem(str(qid), with_suffix(text, SHORT_ANSWER), (image,), tuple(answers), {"question": text}))
+        items.append(EvalItem(str(qid), with_suffix(text, TEXTVQA.prompt_suffix), (image,), tuple(answers), {"question": text}))
     return items
 
 
@@ -96,7 +89,7 @@ def load_vizwiz(data: TaskData) -> list[EvalItem]:
         where = f"{path}, row {n} ({name})"
         text = need(row, "question", where)
         answers = _answer_texts(row, where)
-        items.append(EvalItem(name, with_suffix(text, VIZWIZ_SUFFIX), (image_file(images, name, where),), tuple(answers),
+        items.append(EvalItem(name, with_suffix(text, VIZWIZ.prompt_suffix), (image_file(images, name, where),), tuple(answers),
                               {"answer_type": row.get("answer_type", ""), "question": text}))
     return items
 
@@ -111,7 +104,7 @@ def load_gqa(data: TaskData) -> list[EvalItem]:
         text = need(row, "question", where)
         answer = need(row, "answer", where)
         image = image_file(images, f"{need(row, 'imageId', where)}.jpg", where)
-        items.append(EvalItem(str(qid), with_suffix(text, SHORT_ANSWER), (image,), (answer,),
+        items.append(EvalItem(str(qid), with_suffix(text, GQA.prompt_suffix), (image,), (answer,),
                               {"question": text, "type": (row.get("types") or {}).get("structural", "")}))
     return items
 
@@ -121,13 +114,10 @@ def score_gqa(items: list[EvalItem], predictions: list[str], ctx: ScoreContext |
     from vlmkit.evaluation.metrics import gqa_accuracy
 
     out = {"accuracy": gqa_accuracy(predictions, [it.answers[0] for it in items]), "total": len(items)}
-    by_type: dict[str, list[int]] = defaultdict(list)
-    for k, it in enumerate(items):
-        if it.meta.get("type"):
-            by_type[it.meta["type"]].append(k)
+    by_type = group_indices(items, "type")
     if by_type:
         out["per_type"] = {t: round(gqa_accuracy([predictions[k] for k in ks], [items[k].answers[0] for k in ks]), 4)
-                           for t, ks in sorted(by_type.items())}
+                           for t, ks in by_type.items()}
     return out
 
 

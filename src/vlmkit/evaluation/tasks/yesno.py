@@ -6,8 +6,8 @@ from pathlib import Path
 
 from vlmkit.evaluation.runner import EvalItem
 from vlmkit.evaluation.tasks.base import (
-    SHORT_ANSWER, EvalDataError, ScoreContext, TaskData, TaskSpec, image_file, mean, need, read_jsonl, register,
-    with_suffix,
+    SHORT_ANSWER, EvalDataError, ScoreContext, TaskData, TaskSpec, group_indices, image_file, mean, need, read_jsonl,
+    register, with_suffix,
 )
 
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -29,7 +29,7 @@ def load_pope(data: TaskData) -> list[EvalItem]:
             if label not in ("yes", "no"):
                 raise EvalDataError(f"{where}: field 'label' must be 'yes' or 'no', got {row['label']!r}")
             image = image_file(images, need(row, "image", where), where)
-            items.append(EvalItem(f"{split}-{qid}", with_suffix(text, SHORT_ANSWER), (image,), (label,),
+            items.append(EvalItem(f"{split}-{qid}", with_suffix(text, POPE.prompt_suffix), (image,), (label,),
                                   {"split": split, "question": text}))
     return items
 
@@ -38,11 +38,9 @@ def score_pope(items: list[EvalItem], predictions: list[str], ctx: ScoreContext 
     """Accuracy, precision, recall, F1 and yes-ratio per split; the headline is the mean F1 over splits."""
     from vlmkit.evaluation.metrics import pope_scores
 
-    per_split = {}
-    for split in POPE_SPLITS:
-        ks = [k for k, it in enumerate(items) if it.meta["split"] == split]
-        if ks:
-            per_split[split] = pope_scores([predictions[k] for k in ks], [items[k].answers[0] for k in ks])
+    groups = group_indices(items, "split")
+    per_split = {split: pope_scores([predictions[k] for k in groups[split]], [items[k].answers[0] for k in groups[split]])
+                 for split in POPE_SPLITS if split in groups}
     return {
         "f1": mean([s["f1"] for s in per_split.values()]),
         "accuracy": mean([s["accuracy"] for s in per_split.values()]),
@@ -87,7 +85,7 @@ def load_mme(data: TaskData) -> list[EvalItem]:
         for txt in sorted(qa_dir.glob("*.txt")):
             image = _find_image(img_dir, txt.stem, str(txt))
             for k, (question, answer) in enumerate(_mme_pairs(txt)):
-                items.append(EvalItem(f"{sub.name}/{Path(image).name}/{k}", with_suffix(question, SHORT_ANSWER), (image,),
+                items.append(EvalItem(f"{sub.name}/{Path(image).name}/{k}", with_suffix(question, MME.prompt_suffix), (image,),
                                       (answer,), {"category": sub.name, "image": Path(image).name, "question": question}))
     if not items:
         raise EvalDataError(f"mme: {root} holds no subtask folders with question files (*.txt)")

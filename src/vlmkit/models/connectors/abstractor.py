@@ -12,7 +12,9 @@ from vlmkit.models.connectors.base import (
     Connector,
     LayerNorm2d,
     check_dims,
+    check_options_positive,
     grid_to_tokens,
+    mlp,
     square_side,
     tokens_to_grid,
 )
@@ -68,9 +70,7 @@ class CAbstractor(Connector):
         super().__init__()
         check_dims("c_abstractor", in_dim, out_dim)
         self.side = square_side("c_abstractor", num_input_tokens)
-        for option, value in (("depth", depth), ("hidden_size", hidden_size), ("mlp_depth", mlp_depth)):
-            if value is not None and value < 1:
-                raise ValueError(f"connector 'c_abstractor' option {option}={value} must be >= 1")
+        check_options_positive("c_abstractor", depth=depth, hidden_size=hidden_size, mlp_depth=mlp_depth)
         if num_queries is None:
             num_queries = min(64, num_input_tokens)
         out_side = math.isqrt(num_queries) if num_queries > 0 else 0
@@ -87,10 +87,7 @@ class CAbstractor(Connector):
         self.before = nn.Sequential(*(ResBlock(in_dim if i == 0 else width, width) for i in range(depth)))
         self.pool = nn.AdaptiveAvgPool2d(out_side)
         self.after = nn.Sequential(*(ResBlock(width, width) for _ in range(depth)))
-        readout: list[nn.Module] = [nn.Linear(width, out_dim)]
-        for _ in range(mlp_depth - 1):
-            readout += [nn.SiLU(), nn.Linear(out_dim, out_dim)]
-        self.readout = nn.Sequential(*readout)
+        self.readout = mlp(width, out_dim, mlp_depth, nn.SiLU)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         grid = tokens_to_grid(features, self.side)

@@ -77,6 +77,27 @@ def check_dims(name: str, in_dim: int, out_dim: int) -> None:
         raise ValueError(f"connector {name!r} needs positive widths, got vision {in_dim} -> language {out_dim}")
 
 
+def check_options_positive(name: str, **options: int | None) -> None:
+    """Raise a build-time error naming the first size option below 1 (``None`` means "default")."""
+    for option, value in options.items():
+        if value is not None and value < 1:
+            raise ValueError(f"connector {name!r} option {option}={value} must be >= 1")
+
+
+def mlp(in_dim: int, out_dim: int, depth: int = 2, activation: type[nn.Module] = nn.GELU) -> nn.Module:
+    """``depth`` linear layers, ``in_dim -> out_dim`` then ``out_dim -> out_dim``, with ``activation``
+    between them; ``depth=1`` is a bare ``nn.Linear``.
+
+    Shapes: ``(..., in_dim) -> (..., out_dim)``.
+    """
+    if depth == 1:
+        return nn.Linear(in_dim, out_dim)
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(depth - 1):
+        layers += [activation(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
 def square_side(name: str, num_input_tokens: int) -> int:
     """Return the side ``S`` of a square token grid with ``S * S == num_input_tokens``.
 

@@ -16,13 +16,10 @@ from vlmkit.models.connectors.base import (
     LayerNorm2d,
     check_dims,
     grid_to_tokens,
+    mlp,
     square_side,
     tokens_to_grid,
 )
-
-
-def _token_mlp(in_dim: int, out_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
 class SqueezeExcite(nn.Module):
@@ -83,7 +80,7 @@ class LDPConnector(Connector):
         self.side = square_side("ldp", num_input_tokens)
         # A 3x3 conv with padding 1 and stride 2 gives floor((S - 1) / 2) + 1 = ceil(S / 2) per side.
         self.num_output_tokens = ((self.side + 1) // 2) ** 2
-        self.mlp = _token_mlp(in_dim, out_dim)
+        self.mlp = mlp(in_dim, out_dim)
         self.blocks = nn.Sequential(MobileBlock(out_dim, stride=1), MobileBlock(out_dim, stride=2))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -113,7 +110,7 @@ class LDPv2Connector(Connector):
         self.side = square_side("ldpv2", num_input_tokens)
         self.out_side = (self.side + 1) // 2
         self.num_output_tokens = self.out_side ** 2
-        self.mlp = _token_mlp(in_dim, out_dim)
+        self.mlp = mlp(in_dim, out_dim)
         self.peg = nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims, grid_to_tokens, square_side, tokens_to_grid
+from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims, grid_to_tokens, mlp, square_side, tokens_to_grid
 
-PROJECTORS = ("linear", "mlp2x_gelu")
+PROJECTORS = {"linear": 1, "mlp2x_gelu": 2}  # projector -> linear layers
 
 
 class AvgPoolConnector(Connector):
@@ -40,10 +39,7 @@ class AvgPoolConnector(Connector):
             raise ValueError(f"connector 'avgpool' option projector={projector!r} is unknown; valid: {', '.join(PROJECTORS)}")
         self.stride = stride
         self.num_output_tokens = (self.side // stride) ** 2
-        self.proj = (
-            nn.Linear(in_dim, out_dim) if projector == "linear"
-            else nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        )
+        self.proj = mlp(in_dim, out_dim, PROJECTORS[projector])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         pooled = F.avg_pool2d(tokens_to_grid(features, self.side), self.stride)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmkit.models.connectors.base import CONNECTORS, Connector, TokenMerge, check_dims
+from vlmkit.models.connectors.base import CONNECTORS, Connector, TokenMerge, check_dims, mlp
 
 
 class LinearConnector(Connector):
@@ -47,10 +47,7 @@ class MLPConnector(Connector):
             raise ValueError(f"mlp connector depth must be >= 2 (use 'linear' for 1), got {depth}")
         self.merge = TokenMerge(merge, num_input_tokens)
         self.num_output_tokens = self.merge.num_output_tokens
-        layers: list[nn.Module] = [nn.Linear(in_dim * merge * merge, out_dim)]
-        for _ in range(depth - 1):
-            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = mlp(in_dim * merge * merge, out_dim, depth)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.merge(features))

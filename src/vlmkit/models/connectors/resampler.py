@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims
+from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims, check_options_positive
 
 
 class PerceiverAttention(nn.Module):
@@ -61,10 +61,8 @@ class PerceiverResampler(Connector):
                  num_heads: int = 8, head_dim: int = 64, ff_mult: int = 4, hidden_size: int | None = None):
         super().__init__()
         check_dims("resampler", in_dim, out_dim)
-        for option, value in (("num_latents", num_latents), ("depth", depth), ("num_heads", num_heads),
-                              ("head_dim", head_dim), ("ff_mult", ff_mult), ("hidden_size", hidden_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"connector 'resampler' option {option}={value} must be >= 1")
+        check_options_positive("resampler", num_latents=num_latents, depth=depth, num_heads=num_heads,
+                               head_dim=head_dim, ff_mult=ff_mult, hidden_size=hidden_size)
         width = hidden_size or in_dim
         self.num_output_tokens = num_latents
         self.input_proj = nn.Linear(in_dim, width) if width != in_dim else nn.Identity()

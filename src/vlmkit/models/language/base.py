@@ -158,9 +158,13 @@ class LanguageModel(nn.Module, abc.ABC):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """The transformers model in its own format plus ``heads.safetensors`` when there are heads."""
+        self.hf_model.save_pretrained(folder)
+        self.save_heads(folder)
+
+    def save_heads(self, folder: str | Path) -> None:
+        """Write :meth:`extra_state` to ``folder/heads.safetensors`` when there are heads (see :meth:`load_heads`)."""
         from vlmkit.fileio import save_tensors
 
-        self.hf_model.save_pretrained(folder)
         extra = self.extra_state()
         if extra:
             save_tensors(extra, Path(folder) / HEADS_FILE)

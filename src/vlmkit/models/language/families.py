@@ -22,9 +22,6 @@ ADAPTERS: dict[str, type[LanguageModel]] = {
     "encoder": EncoderLanguageModel,
 }
 
-_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def _chinchilla(d_model: int, layers: int, heads: int) -> dict[str, Any]:
     """Chinchilla's shape parameters (Hoffmann et al. 2022) as Llama config fields: feed-forward
     width 4 x d_model, 2,048-token context. The vocabulary comes from the tokenizer (Chinchilla's
