@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny tokenizers, tiny model configs, images made in the test. Nothing is downloaded."""
+"""Shared fixtures: tiny tokenizers, tiny model configs, images made in the test. Nothing is downloaded.
+
+Trained-quality assertions go through :func:`check_quality`, and seeded tests take their seeds from
+:func:`seeded`, so the suite can be re-run on other seeds (``VLMKIT_TEST_SEED=N``) and kernel paths
+(``ATEN_CPU_CAPABILITY=avx2`` ...) with every quality figure recorded (``VLMKIT_QUALITY_LOG=FILE``);
+``python bench/test_quality.py`` does that and prints each figure's distribution next to its bound.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +23,35 @@ from PIL import Image
 from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, TokenizerConfig, VisionConfig
 from vlmkit.processing.tokenizer import train_bpe_tokenizer
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("VLMKIT_TEST_THREADS", "2")))
+
+#: Added to every seed the suite uses (weights, data order): ``VLMKIT_TEST_SEED=3 pytest`` is another draw.
+TEST_SEED = int(os.environ.get("VLMKIT_TEST_SEED", "0"))
+
+
+def seeded(seed: int = 0) -> int:
+    """Seed torch with ``seed + VLMKIT_TEST_SEED`` and return that seed (for recipes and samplers)."""
+    torch.manual_seed(seed + TEST_SEED)
+    return seed + TEST_SEED
+
+
+def check_quality(name: str, value: float, *, below: float | None = None, above: float | None = None) -> None:
+    """Assert a trained-quality figure (a loss ratio, an accuracy, a score margin) against its bound.
+
+    With ``VLMKIT_QUALITY_LOG=FILE`` the figure is also appended to FILE with the seed, kernel path and
+    thread count it was measured under, which is where the distributions quoted beside each bound
+    come from (``bench/test_quality.py``).
+    """
+    log = os.environ.get("VLMKIT_QUALITY_LOG")
+    if log:
+        row = {"name": name, "value": float(value), "below": below, "above": above, "seed": TEST_SEED,
+               "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+        with open(log, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    if below is not None:
+        assert value < below, f"{name}: {value:.4f} is not below {below}"
+    if above is not None:
+        assert value > above, f"{name}: {value:.4f} is not above {above}"
 
 CORPUS = [
     "what color is the shape? blue", "is there a red circle in the image? yes", "A green triangle.",
@@ -94,7 +129,7 @@ def build_tiny(tokenizer):
     from vlmkit.models.build import build_model
 
     def make(seed: int = 0, **kw):
-        torch.manual_seed(seed)
+        seeded(seed)
         return build_model(tiny_model_config(**kw), tokenizer=tokenizer)
 
     return make
@@ -160,7 +195,7 @@ def tiny_recipe_dict(data_path: Path, out: Path, stages: list[dict] | None = Non
          "lr": 1e-2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
     ]
     return {"name": "tiny", "model": model, "stages": stages,
-            "train": {"seed": 0, "output_dir": str(out), "progress": False, "threads": 2}}
+            "train": {"seed": TEST_SEED, "output_dir": str(out), "progress": False, "threads": torch.get_num_threads()}}
 
 
 def train_fixed_batch(model, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import vlmkit
-from conftest import tiny_recipe_dict, write_llava_data
+from conftest import COLOR_NAMES, check_quality, tiny_recipe_dict, write_llava_data
 from vlmkit.cli import LISTS, build_parser, main
 from vlmkit.config import RecipeConfig, from_dict
 from vlmkit.inference.chat import run_repl
@@ -84,22 +84,27 @@ def test_unknown_list_is_rejected(capsys):
 
 def test_chat_answers_about_an_image(trained, capsys):
     model_dir, data = trained
-    assert main(["chat", "--model", str(model_dir), "--image", str(data / "img" / "red1.png"), "what", "color", "is", "the", "image?"]) == 0
-    assert capsys.readouterr().out.strip() == "red"
     pipe = vlmkit.load(str(model_dir))
-    assert pipe.chat(str(data / "img" / "blue2.png"), "what color is the image?") == "blue"
-    assert pipe.chat(str(data / "img" / "green0.png"), "what color is the image?", use_cache=False) == "green"
+    # QUALITY_CLI_FIXTURE
+    named = [pipe.chat(str(data / "img" / f"{c}{k}.png"), "what color is the image?") == c for c in COLOR_NAMES for k in range(4)]
+    check_quality("cli fixture: colours named right of its 16 training images", sum(named) / len(named), above=0.9)
+    expected = pipe.chat(str(data / "img" / "red1.png"), "what color is the image?")
+    assert main(["chat", "--model", str(model_dir), "--image", str(data / "img" / "red1.png"), "what", "color", "is", "the", "image?"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    blue = str(data / "img" / "blue2.png")
+    assert pipe.chat(blue, "what color is the image?", use_cache=False) == pipe.chat(blue, "what color is the image?")
 
 
 def test_repl_keeps_history_and_switches_images(trained):
     model_dir, data = trained
     pipe = vlmkit.load(str(model_dir))
+    expected = [pipe.chat(str(data / "img" / f), "what color is the image?", max_new_tokens=4) for f in ("green1.png", "yellow3.png")]
     lines = ["what color is the image?", "/help", f"/image {data / 'img' / 'yellow3.png'}", "what color is the image?",
              "what color is the image?", "/image /no/such.png", "/reset", "/quit", "never read"]
     out = io.StringIO()
     assert run_repl(pipe, str(data / "img" / "green1.png"), {"max_new_tokens": 4}, io.StringIO("\n".join(lines) + "\n"), out) == 0
     answers = [line.split("> ", 1)[1] for line in out.getvalue().splitlines() if line.startswith("assistant> ")]
-    assert answers[:2] == ["green", "yellow"] and len(answers) == 3  # the third turn runs with history
+    assert answers[:2] == expected and len(answers) == 3  # the third turn runs with history
     text = out.getvalue()
     assert "commands: /image" in text and "error: image file /no/such.png does not exist" in text and "(conversation cleared)" in text
 

@@ -212,3 +212,21 @@ def test_recipe_base_with_overrides(tmp_path):
     bad.write_text("name: bad\nbase: easyvqa-tiny\noverrides: {train.seed: 3}\n")
     with pytest.raises(ConfigError, match="'overrides' must be a list of key.path=value strings"):
         load_recipe(bad)
+
+
+@needs_easyvqa
+def test_easyvqa_caption_orders():
+    from vlmkit.data.easyvqa import COLORS, SHAPES
+
+    one = load_source(DataConfig(source="easyvqa", split="test", kind="captions"))
+    flipped = load_source(DataConfig(source="easyvqa", split="test", kind="captions", caption_order="shape-color"))
+    both = load_source(DataConfig(source="easyvqa", split="test", kind="captions", caption_order="both"))
+    first = [s.messages[1].content for s in one.samples]
+    assert all(c.startswith(" ") and c.split()[0] in COLORS and c.split()[1] in SHAPES for c in first)
+    assert [s.messages[1].content for s in flipped.samples] == [" " + " ".join(c.split()[::-1]) for c in first]
+    assert len(both.samples) == 2 * len(one.samples)
+    assert [s.messages[1].content for s in both.samples[::2]] == first
+    assert [s.messages[1].content for s in both.samples[1::2]] == [s.messages[1].content for s in flipped.samples]
+    assert both.samples[0].images == both.samples[1].images and both.samples[1].origin.endswith("caption 1")
+    with pytest.raises(ConfigError, match="data.caption_order"):
+        DataConfig(source="easyvqa", kind="captions", caption_order="random")

@@ -136,3 +136,40 @@ def test_crop_matches_transformers_clip_image_processor():
 def test_bad_aspect_rejected():
     with pytest.raises(ValueError, match="crop"):
         ImageTransform(8, (0.5,) * 3, (0.5,) * 3, "stretch")
+
+
+def test_augmentations_are_the_symmetries_they_name_and_follow_the_generator():
+    from vlmkit.processing.augment import AUGMENTATIONS, Augmenter
+
+    x = torch.arange(3 * 4 * 4, dtype=torch.float32).view(3, 4, 4)
+    seen = {"hflip": set(), "vflip": set(), "rot90": set()}
+    allowed = {"hflip": [x, x.flip(-1)], "vflip": [x, x.flip(-2)], "rot90": [torch.rot90(x, k, (-2, -1)) for k in range(4)]}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        for name in seen:
+            out = AUGMENTATIONS.get(name)(x, gen)
+            match = [k for k, y in enumerate(allowed[name]) if torch.equal(out, y)]
+            assert len(match) == 1, name
+            seen[name].add(match[0])
+    assert seen == {"hflip": {0, 1}, "vflip": {0, 1}, "rot90": {0, 1, 2, 3}}  # every outcome drawn
+    a = Augmenter(["hflip", "rot90"], torch.Generator().manual_seed(5))
+    b = Augmenter(["hflip", "rot90"], torch.Generator().manual_seed(5))
+    assert all(torch.equal(a(x), b(x)) for _ in range(10))
+    assert not Augmenter([]) and Augmenter([])(x) is x
+
+
+def test_dataset_augments_each_draw_and_keeps_the_cache_clean(llava_data, build_tiny):
+    from vlmkit.config import ConfigError, DataConfig
+    from vlmkit.data import ConversationDataset, load_source
+
+    _, processor = build_tiny()
+    samples = load_source(DataConfig(source="llava_json", path=str(llava_data))).samples
+    plain = ConversationDataset(samples, processor, cache_images=True)[0].pixel_values
+    data = ConversationDataset(samples, processor, cache_images=True, augment=["hflip"])
+    torch.manual_seed(0)
+    draws = [data[0].pixel_values for _ in range(12)]
+    assert all(torch.equal(d, plain) or torch.equal(d, plain.flip(-1)) for d in draws)
+    assert any(not torch.equal(d, plain) for d in draws) and any(torch.equal(d, plain) for d in draws)
+    assert torch.equal(next(iter(data.cache.values())), plain[0])
+    with pytest.raises(ConfigError, match="data.augment: 'blur' is not an augmentation; valid: hflip, rot90, vflip"):
+        DataConfig(source="easyvqa", augment=["blur"])

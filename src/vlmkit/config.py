@@ -179,10 +179,15 @@ class DataConfig:
     """easyvqa: ``captions`` (stage-1 captions derived from shape and colour) or ``qa``."""
     turns_per_conversation: int = 1
     """easyvqa qa: questions about one image grouped into multi-turn conversations of up to this many."""
+    caption_order: str = "color-shape"
+    """easyvqa captions: " blue circle" (``color-shape``), " circle blue" (``shape-color``), or ``both``
+    (two captions per image): the first word is predicted at the visual token itself."""
     skip_bad_rows: bool = False
     """Skip (and count in the log) rows with a bad image, bad structure or too many tokens instead of failing."""
     cache_images: bool = False
     """Keep transformed images in memory (small data sets)."""
+    augment: list[str] = field(default_factory=list)
+    """Label-preserving image augmentations drawn anew for every sample: hflip, vflip, rot90 (in order)."""
     limit: int | None = None
     """Use only the first N rows."""
     num_workers: int = 0
@@ -190,9 +195,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.kind", self.kind, ("captions", "qa"))
+        _check_choice("data.caption_order", self.caption_order, ("color-shape", "shape-color", "both"))
         _check_positive("data.turns_per_conversation", self.turns_per_conversation)
         _check_positive("data.limit", self.limit)
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        from vlmkit.processing.augment import AUGMENTATIONS
+
+        for name in self.augment:
+            if name not in AUGMENTATIONS:
+                raise ConfigError(f"data.augment: {name!r} is not an augmentation; valid: {', '.join(AUGMENTATIONS.names())}")
 
 
 def complete_policy(policy: dict[str, str]) -> dict[str, str]:
@@ -290,7 +301,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     task: str = "easyvqa"
-    """Evaluation task run after training."""
+    """Evaluation task run after training: any ``vlmkit eval --task`` name (easyvqa, vqav2, pope, ...)."""
+    data: str | None = None
+    """The task's data folder or its main file (``vlmkit eval --data TASK=PATH``); easy-VQA needs none."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Single files or folders of the task by role (``--data TASK.ROLE=PATH``), e.g. ``{images: /data/val2014}``."""
     split: str = "test"
     """Split of the task's data."""
     batch_size: int = 64
@@ -301,8 +316,16 @@ class EvalConfig:
     """Longest generated answer."""
 
     def __post_init__(self) -> None:
+        if not self.task or not isinstance(self.task, str):
+            raise ConfigError(f"eval.task must be a task name, got {self.task!r}")
         _check_positive("eval.batch_size", self.batch_size)
         _check_positive("eval.max_new_tokens", self.max_new_tokens)
+        _check_positive("eval.limit", self.limit)
+
+    def data_arguments(self) -> list[str]:
+        """The section's paths as ``vlmkit eval --data`` values."""
+        values = [f"{self.task}={self.data}"] if self.data else []
+        return values + [f"{self.task}.{role}={path}" for role, path in self.files.items()]
 
 
 @dataclass
@@ -433,7 +456,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".")]
     if not all(keys):
         raise ConfigError(f"override {text!r} has an empty key segment")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return keys, value
 
 
@@ -491,9 +517,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping. Raises :class:`ConfigError` naming the file on a parse error or a non-mapping."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -530,9 +560,14 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     path = recipe_path(str(name_or_path))
     data = apply_overrides(_load_recipe_data(path), overrides or [])
     try:
-        return from_dict(RecipeConfig, data)
+        recipe = from_dict(RecipeConfig, data)
+        if recipe.eval is not None:
+            from vlmkit.evaluation.tasks.base import eval_task_data
+
+            eval_task_data(recipe.eval)  # the task and its files, before any training step
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return recipe
 
 
 def save_yaml(config: Any, path: str | Path) -> None:

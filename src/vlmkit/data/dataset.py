@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, Sampler
 
 from vlmkit.data.sources import SOURCES, DataError, Sample, SourceResult
 from vlmkit.config import DataConfig
+from vlmkit.processing.augment import Augmenter
 from vlmkit.processing.image import ImageError, load_image
 from vlmkit.processing.processor import EncodingError, VLMProcessor
 from vlmkit.processing.templates import ChatTemplate, TemplateError
@@ -38,6 +39,8 @@ class ConversationDataset(Dataset):
         template: template for this data (e.g. ``plain`` in stage 1); ``None`` uses the processor's.
         skip_bad_rows: skip rows whose image cannot be read or whose encoding fails.
         cache_images: keep transformed image tensors in memory by path.
+        augment: names of :data:`~vlmkit.processing.augment.AUGMENTATIONS` applied to each image every
+            time it is drawn (after the cache, so cached images stay unaugmented).
 
     Raises (from ``__getitem__`` without ``skip_bad_rows``):
         DataError: naming the sample's file/row and the problem.
@@ -50,12 +53,14 @@ class ConversationDataset(Dataset):
         template: ChatTemplate | None = None,
         skip_bad_rows: bool = False,
         cache_images: bool = False,
+        augment: Sequence[str] = (),
     ):
         self.samples = samples
         self.processor = processor
         self.template = template
         self.skip_bad_rows = skip_bad_rows
         self.cache: dict[str, torch.Tensor] | None = {} if cache_images else None
+        self.augment = Augmenter(augment)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,10 +73,17 @@ class ConversationDataset(Dataset):
             self.cache[path] = pixels
         return pixels
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """The encoded sample ``key`` (an index), or ``(index, draw)`` from :class:`ResumableBatchSampler`:
+        ``draw`` seeds the sample's augmentations, so they depend on (seed, epoch, index) only, not on
+        the order samples are drawn in, the worker that draws them, or where a run resumed."""
+        index, draw = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         try:
             images = [self._pixels(p) for p in sample.images]
+            if self.augment:
+                generator = None if draw is None else torch.Generator().manual_seed(draw * 1_000_003 + index)
+                images = [self.augment(x, generator) for x in images]
             return self.processor.encode(sample.messages, images, template=self.template)
         except (ImageError, EncodingError, TemplateError) as exc:
             if self.skip_bad_rows:
@@ -79,11 +91,12 @@ class ConversationDataset(Dataset):
             raise DataError(f"{sample.origin}: {exc} (set data.skip_bad_rows=true to skip such rows)") from None
 
 
-class ResumableBatchSampler(Sampler[list[int]]):
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled batches whose order depends only on ``(seed, epoch)``, starting at ``start_batch``.
 
     The permutation for an epoch is drawn from its own generator, so a resumed run sees exactly the
-    batches an uninterrupted run would have seen from that point.
+    batches an uninterrupted run would have seen from that point. Batches hold ``(index, draw)``
+    pairs; ``draw`` (:attr:`draw_seed`, one per epoch) seeds each sample's augmentations.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0, drop_last: bool = False):
@@ -97,11 +110,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch() - self.start_batch)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+    @property
+    def draw_seed(self) -> int:
+        return self.seed * 100_003 + self.epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        gen = torch.Generator().manual_seed(self.draw_seed)
         order = torch.randperm(self.size, generator=gen).tolist()
         for b in range(self.start_batch, self.batches_per_epoch()):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(i, self.draw_seed) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
 class Collator:

@@ -2,7 +2,7 @@
 
 Two kinds of samples, train and test splits kept apart (they use disjoint image sets):
 
-* ``captions`` (stage 1): one caption per image, " blue circle", derived from the image's
+* ``captions`` (stage 1): a caption per image, " blue circle" (or " circle blue", or both), derived from the image's
   questions: what-questions give the colour/shape directly, yes/no questions (with their negation)
   name a present or absent colour/shape, and elimination fills in the rest. An image whose colour or
   shape stays unknown gets no caption.
@@ -95,15 +95,24 @@ def derive_facts(questions: list[Question]) -> dict[int, dict[str, str]]:
     return dict(facts)
 
 
-def caption_for(facts: dict[str, str]) -> str | None:
-    """" blue circle" when both colour and shape are known, else ``None`` (no caption).
+CAPTION_ORDERS = {"color-shape": (("color", "shape"),), "shape-color": (("shape", "color"),),
+                  "both": (("color", "shape"), ("shape", "color"))}
 
-    Two details decide whether a small model trained from scratch learns shape at all:
+
+def captions_for(facts: dict[str, str], order: str = "color-shape") -> list[str]:
+    """" blue circle" (and/or " circle blue", by ``order``) when both colour and shape are known,
+    else no caption.
+
+    Details that decide whether a small model trained from scratch learns shape at all:
 
     * Terse: the first caption token is predicted right at the visual token, which gives the tower
-      a direct gradient for colour and shape. With a filler word first ("a blue circle") the tower
+      a direct gradient for that attribute. With a filler word first ("a blue circle") the tower
       only learns through attention from later positions and shape stays at chance (measured:
       stage-1 loss stuck at ln(3)/4, shape 33%).
+    * Colour first: shape is then learned through the attention from the colour word's position,
+      after a plateau at the shape-at-chance loss whose length depends on the seed (NOTES.md,
+      issue 11). ``both`` (each attribute first in one of two captions) gives shape the direct
+      gradient too, but measured lower test accuracy on shape (96-97% vs 98.6-99%).
     * The leading space: byte-level BPE tells "blue" (start of text) from " blue" (after a space).
       The questions name colours and shapes mid-sentence (" blue", " circle"), so the caption uses
       those same tokens; what stage 1 binds to the image is then what the yes/no questions ask
@@ -112,10 +121,9 @@ def caption_for(facts: dict[str, str]) -> str | None:
     Partial captions are not produced: images with one fact missing (about 10%) still appear in
     the stage-2 questions, and a caption with a generic word in place of a fact teaches nothing.
     """
-    color, shape = facts.get("color"), facts.get("shape")
-    if color and shape:
-        return f" {color} {shape}"
-    return None
+    if not (facts.get("color") and facts.get("shape")):
+        return []
+    return [" " + " ".join(facts[k] for k in kinds) for kinds in CAPTION_ORDERS[order]]
 
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -131,15 +139,14 @@ def load_easyvqa(cfg: DataConfig) -> SourceResult:
         uncaptioned = 0
         paths = {q.image_id: q.image_path for q in questions}
         for image_id in sorted(paths):
-            caption = caption_for(facts.get(image_id, {}))
-            origin = f"easy-VQA {cfg.split} image {image_id}"
-            if caption is None:
-                uncaptioned += 1
-                continue
-            messages = [Message("user", f"<image>\n{CAPTION_PROMPT}"), Message("assistant", caption)]
-            result.samples.append(Sample(messages, [paths[image_id]], origin, {"image_id": image_id}))
-        log.info("easy-VQA %s captions: %d images; %d without a derivable colour and shape get none",
-                 cfg.split, len(result.samples), uncaptioned)
+            captions = captions_for(facts.get(image_id, {}), cfg.caption_order)
+            uncaptioned += not captions
+            for k, caption in enumerate(captions):
+                origin = f"easy-VQA {cfg.split} image {image_id}" + (f" caption {k}" if len(captions) > 1 else "")
+                messages = [Message("user", f"<image>\n{CAPTION_PROMPT}"), Message("assistant", caption)]
+                result.samples.append(Sample(messages, [paths[image_id]], origin, {"image_id": image_id}))
+        log.info("easy-VQA %s captions: %d captions of %d images; %d without a derivable colour and shape get none",
+                 cfg.split, len(result.samples), len(paths) - uncaptioned, uncaptioned)
     else:
         by_image: dict[int, list[Question]] = defaultdict(list)
         for q in questions:

@@ -114,8 +114,60 @@ def parse_llava_row(row: object, origin: str, image_folder: Path) -> Sample:
     paths = [str(image_folder / p) for p in images]
     for p in paths:
         if not Path(p).is_file():
-            raise _row_error(origin, f"image file {p} does not exist")
+            problem = "is not a file" if Path(p).exists() else "does not exist"
+            raise _row_error(origin, f"image file {p} {problem}")
     return Sample(messages, paths, origin, {"id": row.get("id")})
+
+
+@dataclass(frozen=True)
+class _BadLine:
+    """A JSONL line that is not JSON (kept in the row stream so it can be skipped and counted)."""
+
+    reason: str
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a byte-order mark is allowed).
+
+    Raises:
+        DataError: the file cannot be read or is not UTF-8 (names the byte offset).
+    """
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path} could not be read: {exc.strerror or exc}") from None
+
+
+def read_rows(path: Path, limit: int | None = None) -> list[tuple[str, Any]]:
+    """``(where, row)`` for the rows of a JSON list or a JSONL file (``where``: "row i" / "line n").
+    A JSONL line that is not JSON becomes a :class:`_BadLine` row.
+
+    Raises:
+        DataError: the file is not UTF-8, a JSON file does not parse or is not a list.
+    """
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        rows: list[tuple[str, Any]] = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            if limit and len(rows) == limit:
+                break
+            try:
+                rows.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                rows.append((f"line {n}", _BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})")))
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path} must hold a list of conversation rows at the top level, got {type(data).__name__}"
+                        " (JSON Lines files need the .jsonl extension)")
+    return [(f"row {i}", row) for i, row in enumerate(data[:limit] if limit else data)]
 
 
 @SOURCES.register("llava_json")
@@ -128,20 +180,20 @@ def load_llava_json(cfg: DataConfig) -> SourceResult:
     if not cfg.path:
         raise DataError("data.path is required for source 'llava_json' (a LLaVA conversation .json or .jsonl)")
     path = Path(cfg.path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"data path {path} is not a file (data.path must name a .json or .jsonl file)")
     folder = Path(cfg.image_folder) if cfg.image_folder else path.parent
-    text = path.read_text()
-    try:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path} must hold a list of conversation rows at the top level")
     result = SourceResult([])
-    for i, row in enumerate(rows[: cfg.limit] if cfg.limit else rows):
+    for i, (where, row) in enumerate(read_rows(path, cfg.limit)):
         row_id = row.get("id") if isinstance(row, dict) else None
-        origin = f"{path} row {i}" + (f" (id {row_id!r})" if row_id is not None else "")
+        origin = f"{path} {where}" + (f" (id {row_id!r})" if row_id is not None else "")
+        if isinstance(row, _BadLine):
+            if not cfg.skip_bad_rows:
+                raise _row_error(origin, row.reason)
+            result.skipped.append(f"{origin}: {row.reason}")
+            continue
         try:
             result.samples.append(parse_llava_row(row, origin, folder))
         except DataError as exc:

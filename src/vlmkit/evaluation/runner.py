@@ -55,12 +55,28 @@ def predict(
     with tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            answers = pipeline.answer([it.prompt for it in chunk], [list(it.images) for it in chunk], settings)
+            answers = _answer(pipeline, chunk, settings, desc)
             if on_batch is not None:
                 on_batch(chunk, answers)
             predictions += answers
             bar.update(len(chunk))
     return predictions
+
+
+def _answer(pipeline: VLMPipeline, chunk: list[EvalItem], settings: GenerationSettings, desc: str) -> list[str]:
+    """The pipeline's answers for one batch; a bad image stops the run naming the question.
+
+    Raises:
+        EvalDataError: an image is missing or cannot be decoded (answers of earlier batches are saved).
+    """
+    from vlmkit.evaluation.tasks.base import EvalDataError
+    from vlmkit.processing.image import ImageError
+
+    try:
+        return pipeline.answer([it.prompt for it in chunk], [list(it.images) for it in chunk], settings)
+    except ImageError as exc:
+        bad = next((it for it in chunk if any(str(p) in str(exc) for p in it.images)), None)
+        raise EvalDataError(f"{desc}: question {bad.id!r}: {exc}" if bad else f"{desc}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

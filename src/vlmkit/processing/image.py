@@ -7,6 +7,7 @@ Transforms are written with Pillow and torch (no torchvision). ``crop`` matches 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,22 +47,59 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB with its EXIF orientation applied.
+#: Largest image (width x height) that is decoded; Pillow's own decompression-bomb limit by default.
+#: Larger files are refused with :class:`ImageError` before their pixels are read.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied (the first frame of an animation).
+
+    Args:
+        max_pixels: refuse images with more pixels than this (default :data:`MAX_IMAGE_PIXELS`); the
+            size is read from the header, so a decompression bomb is refused before it is decoded.
 
     Raises:
-        ImageError: the file is missing, unreadable or not an image (the message names the path).
+        ImageError: the file is missing, not a file, unreadable, truncated, not an image, too large,
+            or its pixels cannot be converted; the message names the path and the reason.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ImageError(f"image file {path} does not exist")
+    if not path.is_file():
+        raise ImageError(f"image path {path} is not a file")
+    limit = max_pixels or MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"image file {path} could not be decoded: {exc}") from None
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it and raises above; both mean "too large" here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > limit:
+                    raise _too_large(path, width, height, limit)
+                if width < 1 or height < 1:
+                    raise ImageError(f"image file {path} has no pixels ({width}x{height})")
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image file {path} is too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"image file {path} could not be decoded: {exc or type(exc).__name__}") from None
+    except Exception as exc:  # Pillow's decoders raise OSError, ValueError, KeyError, struct.error, MemoryError, ...
+        raise ImageError(f"image file {path} could not be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def _too_large(path: Path, width: int, height: int, limit: int) -> ImageError:
+    return ImageError(
+        f"image file {path} is {width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+        "(vlmkit.processing.image.MAX_IMAGE_PIXELS); it may be a decompression bomb"
+    )
+
+
+#: Above this ratio of the resized long side to the output side, only the cropped window is resampled.
+EXTREME_ASPECT = 8
 
 
 @dataclass(frozen=True)
@@ -92,6 +130,11 @@ class ImageTransform:
             if w != h:
                 side = max(w, h)
                 fill = tuple(int(round(m * 255)) for m in self.mean)
+                if side > EXTREME_ASPECT * min(w, h) and side > self.size:
+                    # a 100000x1 strip would need a 100000^2 canvas: shrink first, then pad
+                    scale = self.size / side
+                    image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+                    w, h, side = *image.size, self.size
                 canvas = Image.new("RGB", (side, side), fill)
                 canvas.paste(image, ((side - w) // 2, (side - h) // 2))
                 image = canvas
@@ -102,6 +145,13 @@ class ImageTransform:
         if min(w, h) != self.size:
             # same arithmetic as transformers' resize(shortest_edge): the long side is truncated
             new = (self.size, int(self.size * h / w)) if w <= h else (int(self.size * w / h), self.size)
+            if max(new) > EXTREME_ASPECT * self.size:
+                # a 100000x1 strip would become a 6.4M x 64 intermediate: resample only the kept window
+                # (the same source coordinates as resize-then-crop)
+                left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
+                sx, sy = new[0] / w, new[1] / h
+                box = (left / sx, top / sy, (left + self.size) / sx, (top + self.size) / sy)
+                return image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
             image = image.resize(new, Image.Resampling.BICUBIC)
             w, h = image.size
         left = (w - self.size) // 2

@@ -7,7 +7,8 @@ Run folder::
     tokenizer/             a tokenizer trained for this run (models from scratch)
     stages/<name>/         metrics.jsonl, loss.png, policy.txt, checkpoints/, the stage's trained parts
     model/                 the final model (LoRA merged), loadable with ``vlmkit.load``
-    eval.json              evaluation scores, when the recipe has an ``eval`` section
+    eval/<task>/           the evaluation's predictions.jsonl and scores.json (see ``vlmkit eval``), results.md
+    eval.json              the task evaluated and its scores, when the recipe has an ``eval`` section
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def run_training(
     save_yaml(recipe, out / "config.yaml")
     handler = _attach_log_file(out / "train.log")
     try:
-        return _run(recipe, out, only_stages, stop_after, evaluate, started)
+        # the evaluation's files are read and checked before the first step, not after the last
+        eval_run = _prepare_eval(recipe, out) if evaluate and recipe.eval is not None else None
+        return _run(recipe, out, only_stages, stop_after, eval_run, started)
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -133,7 +136,47 @@ def _ensure_answers(recipe: RecipeConfig, sources: dict, out: Path) -> None:
     log.info("answer vocabulary: %d answers from the training data -> %s", len(recipe.model.answers), path)
 
 
-def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, evaluate: bool, started: float) -> RunSummary:
+def _prepare_eval(recipe: RecipeConfig, out: Path):
+    """The recipe's evaluation as a :class:`~vlmkit.evaluation.runner.TaskRun` (files parsed, questions
+    loaded); predictions go to ``out/eval/<task>/``.
+
+    Raises:
+        ConfigError: an unknown task or missing data (see :func:`~vlmkit.evaluation.tasks.base.eval_task_data`).
+        EvalDataError: a malformed file, named with its row and field.
+    """
+    from vlmkit.evaluation.runner import prepare
+    from vlmkit.evaluation.tasks.base import eval_task_data
+
+    spec, data = eval_task_data(recipe.eval)
+    options = _eval_options(recipe)
+    (run,) = prepare({spec.name: data}, out / "eval", options)
+    return run
+
+
+def _eval_options(recipe: RecipeConfig):
+    from vlmkit.evaluation.runner import EvalOptions
+
+    e = recipe.eval
+    return EvalOptions(e.batch_size, e.limit, e.max_new_tokens, progress=recipe.train.progress)
+
+
+def _run_eval(recipe: RecipeConfig, out: Path, pipeline, run, fresh: bool) -> dict[str, Any]:
+    """Answer and score the prepared evaluation; ``fresh``: a stage trained in this call, so answers
+    already on disk (an interrupted earlier evaluation) belong to another model and are dropped."""
+    from vlmkit.evaluation.runner import evaluate
+
+    if fresh and run.done:
+        run.log.path.unlink()
+        run.done.clear()
+    elif run.done:
+        log.info("%s: resuming, %d of %d questions already answered in %s", run.spec.title, len(run.done), len(run.items), run.log.path)
+    scores = evaluate(pipeline, [run], _eval_options(recipe), out / "eval")[run.spec.name]
+    record = {"task": run.spec.name, "title": run.spec.title, "split": recipe.eval.split, "metric": run.spec.metric, **scores}
+    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, started: float) -> RunSummary:
     train = recipe.train
     if train.threads:
         torch.set_num_threads(train.threads)
@@ -179,7 +222,8 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, evaluate: boo
                 f"stage {stage.name!r} has not been run in {out}; run it first (or include it in --stages)"
             )
         template = TEMPLATES.get(stage.data.template) if stage.data.template else None
-        dataset = ConversationDataset(sources[stage.name].samples, processor, template, stage.data.skip_bad_rows, stage.data.cache_images)
+        dataset = ConversationDataset(sources[stage.name].samples, processor, template, stage.data.skip_bad_rows,
+                                      stage.data.cache_images, stage.data.augment)
         set_seed(train.seed + 1000 * (index + 1))
         log.info("stage %r: %d samples, %s", stage.name, len(dataset), stage.policy)
         result = train_stage(model, dataset, stage, train, folder, accelerator, stop_left, stage.data.num_workers)
@@ -194,21 +238,13 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, evaluate: boo
 
     summary.model_dir = save_model(model, processor, recipe.model, out / "model")
     log.info("saved the model to %s", summary.model_dir)
-    if evaluate and recipe.eval is not None:
-        from vlmkit.evaluation.easyvqa import evaluate_easyvqa
+    if eval_run is not None:
         from vlmkit.inference.pipeline import VLMPipeline
 
-        if recipe.eval.task != "easyvqa":
-            raise ConfigError(f"eval.task={recipe.eval.task!r} is not valid here; valid: easyvqa (more with `vlmkit eval`)")
-        pipeline = VLMPipeline(model, processor)
-        scores, predictions, items = evaluate_easyvqa(
-            pipeline, recipe.eval.split, recipe.eval.batch_size, recipe.eval.limit, recipe.eval.max_new_tokens, train.progress
-        )
-        (out / "eval.json").write_text(json.dumps(scores, indent=2))
-        with (out / "predictions.jsonl").open("w") as fh:
-            for it, p in zip(items, predictions):
-                fh.write(json.dumps({"id": it.id, "question": it.prompt, "answer": it.answers[0], "prediction": p}) + "\n")
-        summary.eval = scores
-        log.info("easy-VQA %s accuracy %.4f (%d/%d)", recipe.eval.split, scores["accuracy"], scores["correct"], scores["total"])
+        trained = any(not info.get("reused") for info in summary.stages.values())
+        summary.eval = _run_eval(recipe, out, VLMPipeline(model, processor), eval_run, fresh=trained)
+        e = summary.eval
+        log.info("%s %s %s %.4f (%s questions) -> %s", e["title"], e["split"], e["metric"], e[e["metric"]],
+                 e.get("total", e.get("questions", "?")), out / "eval" / e["task"])
     summary.seconds = time.perf_counter() - started
     return summary

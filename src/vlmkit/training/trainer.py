@@ -156,7 +156,10 @@ def train_stage(
 
     while loop.step < steps:
         sampler = ResumableBatchSampler(len(dataset), stage.batch_size, train.seed, loop.epoch, loop.batch_in_epoch)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
+        # the loader's own generator: creating its iterator must not draw from the global RNG, whose
+        # state a checkpoint restores for dropout (a resumed run creates an iterator mid-epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(sampler.draw_seed))
         loader = accelerator.prepare_data_loader(loader, device_placement=True)
         accum, accum_loss, accum_samples = 0, 0.0, 0
         for batch in loader:

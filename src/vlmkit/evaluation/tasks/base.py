@@ -55,10 +55,11 @@ class TaskData:
             raise EvalDataError(f"{self.task}: no data folder given; pass --data {self.task}=PATH")
         else:
             path = self.root / default
-        ok = path.is_dir() if kind == "dir" else path.is_file()
+        ok = path.exists() if kind == "any" else path.is_dir() if kind == "dir" else path.is_file()
         if not ok:
+            what = {"dir": "folder", "file": "file"}.get(kind, "file or folder")
             raise EvalDataError(
-                f"{self.task}: {role} {'folder' if kind == 'dir' else 'file'} {path} does not exist "
+                f"{self.task}: {role} {what} {path} does not exist "
                 f"(set it with --data {self.task}.{role}=PATH)"
             )
         return path
@@ -151,10 +152,12 @@ def read_json(path: Path, kind: type | None = None) -> Any:
         EvalDataError: not JSON, or the wrong top-level type; the message names the file.
     """
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise EvalDataError(f"{path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise EvalDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if kind is not None and not isinstance(data, kind):
         what = {dict: "an object", list: "a list"}.get(kind, kind.__name__)
         raise EvalDataError(f"{path}: expected {what} at the top level, got {type(data).__name__}")
@@ -164,14 +167,17 @@ def read_json(path: Path, kind: type | None = None) -> Any:
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """``(line number, parsed row)`` for every non-empty line; a bad line raises naming file and line."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}, line {n}: not valid JSON ({exc})") from None
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise EvalDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise EvalDataError(f"{path}, line {n}: not valid JSON ({exc})") from None
     return rows
 
 
@@ -275,3 +281,44 @@ def resolve_data(values: list[str], tasks: list[str], split: str | None = None) 
             raise EvalDataError(f"task {name} needs its data: --data {name}=FOLDER ({files})")
         data[name] = TaskData(name, roots.get(name), overrides[name], split)
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# a recipe's eval section
+
+def eval_task_data(cfg: Any) -> tuple[TaskSpec, TaskData]:
+    """The task and data of a recipe's ``eval`` section (:class:`vlmkit.config.EvalConfig`), checked
+    without parsing the files: the task exists and is scored without a judge, every path given exists,
+    and every file the task needs is present.
+
+    Raises:
+        ConfigError: naming ``eval.task``, ``eval.data`` or ``eval.files`` and what would be valid.
+    """
+    from vlmkit.config import ConfigError
+
+    if cfg.task not in TASKS:
+        raise ConfigError(f"eval.task={cfg.task!r} is not an evaluation task; valid: {', '.join(TASKS.names())}")
+    spec = TASKS.get(cfg.task)
+    if spec.needs_judge:
+        raise ConfigError(f"eval.task={spec.name} is scored by an LLM judge; evaluate it after training with "
+                          f"`vlmkit eval --task {spec.name} --judge-url URL --judge-model NAME`")
+    unknown = sorted(set(cfg.files) - set(spec.files))
+    if unknown:
+        raise ConfigError(f"eval.files has unknown role(s) {', '.join(unknown)} for task {spec.name}; "
+                          f"valid: {', '.join(spec.files) or '(none: the task has built-in data)'}")
+    try:
+        data = resolve_data(cfg.data_arguments(), [spec.name], cfg.split)[spec.name]
+        for role, (default, _) in spec.files.items():
+            if role not in spec.optional and not data.path(role, default, "any").exists():
+                raise EvalDataError(f"{spec.name}: {role} {default} is missing")
+    except EvalDataError as exc:
+        raise ConfigError(f"eval section: {_recipe_terms(str(exc))}") from None
+    return spec, data
+
+
+def _recipe_terms(message: str) -> str:
+    """A ``--data`` message in a recipe's words (``eval.data`` / ``eval.files.ROLE``)."""
+    import re
+
+    message = re.sub(r"--data (\w+)\.(\w+)=PATH", r"eval.files.\2=PATH", message)
+    return re.sub(r"--data (\w+)=(PATH|FOLDER)", r"eval.data=\2", message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -85,13 +86,16 @@ def _image_suffix(raw: bytes) -> str:
 
 def _read_tsv(path: Path) -> list[dict[str, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images exceed the 128 KiB default
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        missing = [c for c in ("index", "question", "A", "B", "answer", "image") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise EvalDataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(reader.fieldnames or [])})"
-                                + ("; the test split has no answers, use the dev split" if missing == ["answer"] else ""))
-        return list(reader)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EvalDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    missing = [c for c in ("index", "question", "A", "B", "answer", "image") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise EvalDataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(reader.fieldnames or [])})"
+                            + ("; the test split has no answers, use the dev split" if missing == ["answer"] else ""))
+    return list(reader)
 
 
 def load_mmbench(data: TaskData) -> list[EvalItem]:
