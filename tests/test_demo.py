@@ -12,9 +12,11 @@ pytest.importorskip("easy_vqa")
 from conftest import TEST_SEED, check_quality  # noqa: E402
 from vlmkit.cli import main  # noqa: E402
 
+# stage 1 on 1,200 images x 10 epochs, stage 2 on the questions of the first ~1,550 images x 2 epochs;
+# short enough that shape stays on its stage-1 plateau (what shape ~40%), long enough for colour
 SHORT = [
-    "stages.align.data.limit=1200", "stages.align.epochs=6",
-    "stages.instruct.data.limit=3000", "stages.instruct.epochs=3",
+    "stages.align.data.limit=1200", "stages.align.epochs=10",
+    "stages.instruct.data.limit=15000", "stages.instruct.epochs=2",
     "eval.limit=800",
 ]
 
@@ -28,9 +30,13 @@ def test_short_demo_schedule_learns(tmp_path, capsys):
     assert record["task"] == "easyvqa" and record["title"] == "easy-VQA" and record["split"] == "test"
     scores = {k: v for k, v in record.items() if k not in ("task", "title", "split", "metric")}
     assert scores["total"] == 800
-    # QUALITY_SHORT_DEMO
-    check_quality("short demo: accuracy minus majority baseline", scores["accuracy"] - scores["majority_baseline"], above=0.25)
-    check_quality("short demo: what color", scores["per_type"]["what color"], above=0.6)
+    # measured on seeds 0-2 x kernel paths AVX-512 / AVX2 / default, 1 thread (bench/demo_seeds.py with
+    # the SHORT overrides, SHORT_RUNS): accuracy SHORT_ACC (majority baseline 37.1%), what color SHORT_WC,
+    # yes/no color SHORT_YN, negated SHORT_YNN; what shape 40-50% (stage-1 plateau, not asserted)
+    check_quality("short demo: accuracy minus majority baseline", scores["accuracy"] - scores["majority_baseline"], above=0.4)
+    check_quality("short demo: what color", scores["per_type"]["what color"], above=0.9)
+    check_quality("short demo: yes/no color", scores["per_type"]["yes/no color"], above=0.9)
+    check_quality("short demo: yes/no color negated", scores["per_type"]["yes/no color negated"], above=0.9)
     assert f"easy-VQA test accuracy: {100 * scores['accuracy']:.2f}%" in printed
     assert printed.count("  Q: ") == 3 and "demo wall time" in printed
     demo_predictions = [json.loads(x) for x in (out / "eval" / "easyvqa" / "predictions.jsonl").read_text().splitlines()]

@@ -40,7 +40,8 @@ def test_every_tower_trains_end_to_end(build_tiny, encoder):
     assert n_tokens == model.vision.num_tokens == model.num_image_tokens
     assert batch["input_ids"].eq(processor.image_token_id).sum(1).tolist() == [n_tokens] * 2
     losses = train_fixed_batch(model, batch, 15)
-    # QUALITY_TOWER_RATIO
+    # measured on seeds 0-2 x kernel paths AVX-512 / AVX2 / default, 1 thread (bench/test_quality.py, 9 runs):
+    # 0.117-0.188 over bit, clip, convnext, resnet, siglip, vit; bound 0.5
     check_quality(f"tower {encoder}: final/first loss after 15 steps", losses[-1] / losses[0], below=0.5)
 
 
@@ -239,16 +240,19 @@ def test_generic_vision_tower_finds_its_layout_and_trains(tokenizer, model_type)
     vision = model.vision
     assert vision.spec.name == "automodel" and (vision.spec.layout, vision.spec.num_prefix_tokens) == GENERIC_LAYOUT[model_type]
     pixels = torch.randn(2, 3, 32, 32)
+    vision.eval()  # Swin's stochastic depth (drop_path_rate 0.1) would drop other blocks in each call
     with torch.no_grad():
         hidden = vision.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
         tokens = vision(pixels)
+    vision.train()
     expected = hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden[:, GENERIC_LAYOUT[model_type][1]:]
     torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
     assert tokens.shape[1:] == (vision.num_tokens, vision.hidden_size)
     batch = batch_for(processor)
     assert batch["input_ids"].eq(processor.image_token_id).sum(1).tolist() == [vision.num_tokens] * 2
     losses = train_fixed_batch(model, batch, 10)
-    # QUALITY_AUTOMODEL_RATIO
+    # measured on seeds 0-2 x kernel paths AVX-512 / AVX2 / default, 1 thread (bench/test_quality.py, 9 runs):
+    # 0.333-0.398 over deit, dinov2, regnet, swin; bound 0.5
     check_quality(f"automodel tower {model_type}: final/first loss after 10 steps", losses[-1] / losses[0], below=0.5)
 
 

@@ -249,8 +249,8 @@ def test_training_reduces_loss(llava_data, tmp_path):
     cfg.stages = cfg.stages[:1]
     run_training(cfg, evaluate=False)
     losses = losses_of(tmp_path / "r", "align")
-    # QUALITY_TRAINING_RATIO
-    check_quality("run: mean of last 3 / first 3 losses over 20 steps", (sum(losses[-3:]) / 3) / (sum(losses[:3]) / 3), below=0.8)
+    # measured on seeds 0-2 x kernel paths AVX-512 / AVX2 / default, 1 thread (bench/test_quality.py, 9 runs): 0.733-0.753; bound 0.85
+    check_quality("run: mean of last 3 / first 3 losses over 20 steps", (sum(losses[-3:]) / 3) / (sum(losses[:3]) / 3), below=0.85)
 
 
 def test_lr_scale_sets_per_part_learning_rates(build_tiny):
