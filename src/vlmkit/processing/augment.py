@@ -2,7 +2,8 @@
 
 An augmentation is a function ``(pixels, generator) -> pixels`` registered in :data:`AUGMENTATIONS`
 and named in ``data.augment``. They draw from the torch generator they are given (the global one by
-default), whose state training checkpoints save, so an augmented run resumes with the same draws.
+default); training gives each sample a generator seeded by (seed, epoch, index)
+(:class:`~vlmkit.data.dataset.ConversationDataset`), so an augmented run resumes with the same draws.
 Only label-preserving geometric changes are offered: they suit data whose text does not mention
 left/right or orientation (easy-VQA's shapes and colours); captions that say "on the left" need none.
 """
@@ -49,18 +50,15 @@ class Augmenter:
         RegistryError: an unknown name (the message lists the valid ones).
     """
 
-    def __init__(self, names: Sequence[str], generator: torch.Generator | None = None):
+    def __init__(self, names: Sequence[str]):
         self.names = list(names)
         self.steps = [AUGMENTATIONS.get(n) for n in self.names]
-        self.generator = generator
 
     def __bool__(self) -> bool:
         return bool(self.steps)
 
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``pixels`` augmented with draws from ``generator`` (default: the one given at construction,
-        else torch's global generator)."""
-        generator = generator if generator is not None else self.generator
+        """``pixels`` augmented with draws from ``generator`` (default: torch's global generator)."""
         for step in self.steps:
             pixels = step(pixels, generator)
         return pixels

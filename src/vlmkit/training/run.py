@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 from vlmkit.config import ConfigError, RecipeConfig, save_yaml, to_dict
 from vlmkit.data import ConversationDataset, iter_texts, load_source
 from vlmkit.data.answers import answer_vocabulary
+from vlmkit.fileio import write_json_atomic
 from vlmkit.models.build import backbone_spec, build_model, save_model
 from vlmkit.processing.templates import TEMPLATES
 from vlmkit.processing.tokenizer import load_tokenizer
@@ -172,7 +173,7 @@ def _run_eval(recipe: RecipeConfig, out: Path, pipeline, run, fresh: bool) -> di
         log.info("%s: resuming, %d of %d questions already answered in %s", run.spec.title, len(run.done), len(run.items), run.log.path)
     scores = evaluate(pipeline, [run], _eval_options(recipe), out / "eval")[run.spec.name]
     record = {"task": run.spec.name, "title": run.spec.title, "split": recipe.eval.split, "metric": run.spec.metric, **scores}
-    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    write_json_atomic(out / "eval.json", record)
     return record
 
 

@@ -145,19 +145,29 @@ def with_suffix(question: str, suffix: str) -> str:
     return f"{question}\n{suffix}" if suffix else question
 
 
+def read_text(path: Path) -> str:
+    """A task file as text: UTF-8, a byte-order mark allowed.
+
+    Raises:
+        EvalDataError: not UTF-8, naming the file and the byte offset.
+    """
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EvalDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
 def read_json(path: Path, kind: type | None = None) -> Any:
     """Parse a JSON file, checking the top level is a ``kind`` (dict / list) when given.
 
     Raises:
         EvalDataError: not JSON, or the wrong top-level type; the message names the file.
     """
+    text = read_text(path)
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            data = json.load(fh)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise EvalDataError(f"{path}: not valid JSON ({exc})") from None
-    except UnicodeDecodeError as exc:
-        raise EvalDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if kind is not None and not isinstance(data, kind):
         what = {dict: "an object", list: "a list"}.get(kind, kind.__name__)
         raise EvalDataError(f"{path}: expected {what} at the top level, got {type(data).__name__}")
@@ -167,11 +177,7 @@ def read_json(path: Path, kind: type | None = None) -> Any:
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """``(line number, parsed row)`` for every non-empty line; a bad line raises naming file and line."""
     rows = []
-    try:
-        lines = path.read_bytes().decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise EvalDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from vlmkit.evaluation.runner import EvalItem
 from vlmkit.evaluation.tasks.base import (
     LETTER_ANSWER, EvalDataError, ScoreContext, TaskData, TaskSpec, group_indices, image_file, need, need_list, read_json,
-    register,
+    read_text, register,
 )
 
 LETTERS = "ABCDEFGHIJ"
@@ -86,11 +86,7 @@ def _image_suffix(raw: bytes) -> str:
 
 def _read_tsv(path: Path) -> list[dict[str, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images exceed the 128 KiB default
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise EvalDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t")
     missing = [c for c in ("index", "question", "A", "B", "answer", "image") if c not in (reader.fieldnames or [])]
     if missing:
         raise EvalDataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(reader.fieldnames or [])})"
