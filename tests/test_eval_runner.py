@@ -19,7 +19,8 @@ from vlmkit.evaluation.judge import JudgeClient, JudgeError
 from vlmkit.evaluation.runner import EvalOptions, prepare, run_tasks
 from vlmkit.evaluation.tasks import EvalDataError, TaskData
 from vlmkit.inference.pipeline import VLMPipeline
-from vlmkit.models.build import build_model, load_model, save_model
+from vlmkit.models.build import build_model
+from vlmkit.formats import load_model, save_model
 
 easy_vqa = pytest.importorskip("easy_vqa")
 

@@ -9,7 +9,8 @@ from PIL import Image
 from conftest import check_quality, seeded, tiny_model_config
 from vlmkit.config import FusionConfig, LoraSettings
 from vlmkit.inference.pipeline import GenerationSettings, VLMPipeline
-from vlmkit.models.build import build_model, load_model, save_model
+from vlmkit.models.build import build_model
+from vlmkit.formats import load_model, save_model
 from vlmkit.models.fusion import GatedCrossAttentionFusion, decoder_layers
 from vlmkit.processing.templates import Message
 from vlmkit.training.policy import apply_policy

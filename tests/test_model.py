@@ -10,7 +10,8 @@ import transformers
 from PIL import Image
 
 from conftest import TINY_LM, TINY_VISION, check_quality, seeded, tiny_model_config, train_fixed_batch
-from vlmkit.models.build import build_model, load_model, save_model
+from vlmkit.models.build import build_model
+from vlmkit.formats import load_model, save_model
 from vlmkit.models.connectors.base import CONNECTORS
 from vlmkit.models.language.base import BACKBONES
 from vlmkit.models.vision.base import VISION_TOWERS
@@ -265,7 +266,7 @@ def test_generic_vision_tower_saves_and_reloads(tokenizer, tmp_path):
     with torch.no_grad():
         before = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     save_model(model, processor, cfg, tmp_path / "m")
-    from vlmkit.models.build import read_model_config
+    from vlmkit.formats.vlmkit import read_model_config
 
     assert read_model_config(tmp_path / "m").vision.encoder == "automodel"
     again, _ = load_model(tmp_path / "m")

@@ -70,16 +70,6 @@ def test_prompt_adds_missing_placeholder_and_no_labels(proc):
     assert proc.tokenizer.decode(enc.input_ids.tolist()).endswith("<|im_start|>assistant\n")
 
 
-def test_save_and_load_round_trip(proc, tmp_path):
-    proc.save_pretrained(tmp_path)
-    again = VLMProcessor.from_pretrained(tmp_path)
-    messages = conv()
-    a = proc.encode(messages, [Image.new("RGB", (20, 12), (9, 99, 199))])
-    b = again.encode(messages, [Image.new("RGB", (20, 12), (9, 99, 199))])
-    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
-    assert torch.equal(a.pixel_values, b.pixel_values)
-
-
 def test_slow_tokenizer_rejected():
     class Slow:
         is_fast = False

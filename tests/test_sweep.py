@@ -169,7 +169,7 @@ def test_sweep_trains_each_variant_then_reuses_them(tmp_path, capsys, monkeypatc
     assert [r["variant"] for r in rows] == ["merge=1", "merge=2"] and [r["settings"] for r in rows] == [{"merge": 1}, {"merge": 2}]
     assert [r["visual_tokens"] for r in rows] == [4, 1] and not any(r["reused"] for r in rows)
     assert rows[0]["parameters"] < rows[1]["parameters"]  # merge=2 widens the connector's input 4x
-    from vlmkit.models.build import load_model
+    from vlmkit.formats import load_model
 
     model, _ = load_model(out / "merge=2" / "model")
     assert rows[1]["parameters"] == sum(p.numel() for p in model.parameters())

@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import TINY_VISION, check_quality, tiny_recipe_dict
 from vlmkit.config import ConfigError, LoraSettings, RecipeConfig, complete_policy, from_dict
-from vlmkit.models.build import build_model, load_model
+from vlmkit.models.build import build_model
+from vlmkit.formats import load_model
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.processing.templates import Message
 from vlmkit.training.lora import has_lora, load_lora, merge_lora, save_lora

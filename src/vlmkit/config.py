@@ -61,10 +61,11 @@ class VisionConfig:
     image_std: list[float] | None = None
     """Per-channel std for normalisation; defaults like ``image_mean``."""
     image_aspect: str = "crop"
-    """``crop``: resize shortest side then center-crop; ``pad``: pad to square with the mean colour (LLaVA-1.5)."""
+    """``crop``: resize shortest side then center-crop (CLIP); ``pad``: pad to square with the mean colour, then
+    resize (LLaVA-1.5); ``resize``: stretch to the square without keeping the aspect ratio (BLIP-2)."""
 
     def __post_init__(self) -> None:
-        _check_choice("model.vision.image_aspect", self.image_aspect, ("crop", "pad"))
+        _check_choice("model.vision.image_aspect", self.image_aspect, ("crop", "pad", "resize"))
         _check_positive("model.vision.image_size", self.image_size)
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
@@ -125,6 +126,10 @@ class FusionConfig:
 
 @dataclass
 class ModelConfig:
+    pretrained: str | None = None
+    """A complete vision-language model folder to start from, in any format vlmkit reads (vlmkit,
+    hf-llava, hf-blip2, llava-original; detected from its files). Its description replaces the
+    ``vision``, ``connector``, ``language`` and ``fusion`` sections and the template settings."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
@@ -142,6 +147,9 @@ class ModelConfig:
     """Dtype weights are loaded in: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Allow Hugging Face repositories to run their own code. Off unless you trust the source."""
+    allow_pickle: bool = False
+    """Read pickled weights (original LLaVA ``.bin`` checkpoints, ``mm_projector.bin``) with
+    ``torch.load(weights_only=True)``. Off: only safetensors are read."""
 
     def __post_init__(self) -> None:
         _check_positive("model.max_length", self.max_length)

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmkit.models.build import load_model
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import load_image
 from vlmkit.processing.processor import VLMProcessor
@@ -61,9 +60,17 @@ class VLMPipeline:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | None = None, dtype: str | None = None) -> "VLMPipeline":
-        """Load a saved model folder (see :func:`vlmkit.models.build.save_model`)."""
-        model, processor = load_model(folder, dtype=dtype)
+    def from_pretrained(
+        cls, folder: str | Path, device: str | None = None, dtype: str | None = None, allow_pickle: bool = False
+    ) -> "VLMPipeline":
+        """Load a model folder in any format vlmkit reads (see :mod:`vlmkit.formats`; detected from its files).
+
+        Args:
+            allow_pickle: read pickled weights (original LLaVA ``.bin``) with ``torch.load(weights_only=True)``.
+        """
+        from vlmkit.formats import load_model
+
+        model, processor = load_model(folder, dtype=dtype, allow_pickle=allow_pickle)
         return cls(model, processor, device)
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict[str, Any]:

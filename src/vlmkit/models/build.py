@@ -1,29 +1,19 @@
-"""The only place that turns configuration into objects: model + processor, and the model folder format.
+"""The only place that turns configuration into objects: model + processor.
 
-A saved model folder holds::
-
-    vlmkit_config.json      model config with paths relative to the folder
-    vision/                 the vision tower (transformers save_pretrained)
-    connector.safetensors   the connector weights
-    fusion.safetensors      the cross-attention blocks (cross_attention fusion only)
-    language/               the language model (transformers save_pretrained; + heads.safetensors for
-                            encoder-only backbones)
-    tokenizer/              the tokenizer
-    processor_config.json   template, image transform, visual tokens per image
+Saved folders (vlmkit's own and the other checkpoint formats) are read and written in
+:mod:`vlmkit.formats`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlmkit.config import ModelConfig, from_dict, to_dict
-from vlmkit.fileio import atomic_directory, load_tensors, quiet_hf_progress, save_tensors
+from vlmkit.config import ModelConfig
+from vlmkit.fileio import load_tensors
 from vlmkit.models.connectors import CONNECTORS
 from vlmkit.models.fusion import FUSIONS
 from vlmkit.models.language import BACKBONES, BackboneSpec, build_language_model, resolve_backbone
@@ -35,7 +25,6 @@ from vlmkit.processing.processor import VLMProcessor
 from vlmkit.processing.templates import TEMPLATES, resolve_template
 from vlmkit.processing.tokenizer import load_tokenizer, prepare_tokenizer, train_bpe_tokenizer
 
-CONFIG_FILE = "vlmkit_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -106,7 +95,7 @@ def build_model(
     _check_bridge(connector, cfg.connector.type, vision.hidden_size, language.hidden_size, vision.num_tokens)
     connector.to(dtype)
     if cfg.connector.pretrained:
-        load_connector(connector, cfg.connector.pretrained)
+        load_connector(connector, cfg.connector.pretrained, cfg.connector.type, cfg.allow_pickle)
     fusion = _build_part(FUSIONS, "fusion", cfg.fusion.type, cfg.fusion.options, language)
     if cfg.fusion.pretrained:
         load_connector(fusion, cfg.fusion.pretrained)
@@ -151,7 +140,9 @@ def _check_bridge(connector: torch.nn.Module, name: str, vision_dim: int, langua
     Raises:
         ValueError: naming the connector, both widths and the token counts.
     """
-    probe = torch.zeros(1, num_tokens, vision_dim)
+    first = next(connector.parameters(), None)
+    # on the parameters' device: a model built with empty (meta) weights is checked by shapes alone
+    probe = torch.zeros(1, num_tokens, vision_dim, device=first.device if first is not None else "cpu")
     training = connector.training
     connector.eval()  # no batch-norm statistics change from the probe
     try:
@@ -176,88 +167,23 @@ def _check_bridge(connector: torch.nn.Module, name: str, vision_dim: int, langua
         )
 
 
-def load_connector(connector: torch.nn.Module, path: str | Path) -> None:
-    """Load connector (or fusion) weights from a safetensors file (strict).
+def load_connector(connector: torch.nn.Module, path: str | Path, kind: str | None = None, allow_pickle: bool = False) -> None:
+    """Load connector (or fusion) weights (strict): a vlmkit ``connector.safetensors``, or an original
+    LLaVA stage-1 projector (``mm_projector.bin`` / ``.safetensors`` with ``model.mm_projector.*``
+    names; a pickle only with ``allow_pickle``) for connector type ``kind``.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the weights do not fit this connector (names the missing/unexpected keys).
+        ValueError: the weights do not fit this connector (names the missing/unexpected keys), or a
+            pickle without the opt-in.
     """
-    state = load_tensors(path)
+    from vlmkit.formats.llava_original import is_projector_file, read_projector
+
+    path = Path(path)
+    if is_projector_file(path):
+        state = read_projector(path, kind or "", allow_pickle)
+    else:
+        state = load_tensors(path)
     missing, unexpected = connector.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the {type(connector).__name__}: missing {missing}, unexpected {unexpected}")
-
-
-def save_model(model: VisionLanguageModel, processor: VLMProcessor, cfg: ModelConfig, folder: str | Path) -> Path:
-    """Write a complete model folder atomically (see module docstring). LoRA must be merged first.
-
-    Raises:
-        ValueError: a part still carries unmerged LoRA adapters.
-    """
-    from vlmkit.training.lora import has_lora
-
-    for name, part in model.parts().items():
-        if has_lora(part):
-            raise ValueError(f"the {name} part has unmerged LoRA adapters; merge them before saving a full model")
-    folder = Path(folder)
-    saved = copy.deepcopy(cfg)
-    saved.vision.encoder = model.vision.spec.name  # the family `auto` resolved to
-    saved.language.backbone = model.language.spec.name
-    saved.vision.pretrained = "vision"
-    saved.vision.config = {}
-    saved.vision.image_size = processor.image_transform.size
-    saved.vision.image_mean = list(processor.image_transform.mean)
-    saved.vision.image_std = list(processor.image_transform.std)
-    saved.language.pretrained = "language"
-    saved.language.config = {}
-    saved.language.tokenizer.path = "tokenizer"
-    saved.language.tokenizer.train_vocab_size = None
-    saved.connector.pretrained = "connector.safetensors"
-    saved.connector.options = model.connector.saved_options(cfg.connector.options)
-    saved.language.preset = None
-    fusion_state = model.fusion.state_dict()
-    saved.fusion.pretrained = "fusion.safetensors" if fusion_state else None
-    saved.template = processor.template.name
-    with atomic_directory(folder) as tmp, quiet_hf_progress():
-        model.vision.tower.save_pretrained(tmp / "vision")
-        model.language.save_pretrained(tmp / "language")
-        save_tensors(model.connector.state_dict(), tmp / "connector.safetensors", {"connector": cfg.connector.type})
-        if fusion_state:
-            save_tensors(fusion_state, tmp / "fusion.safetensors", {"fusion": cfg.fusion.type})
-        processor.save_pretrained(tmp)
-        (tmp / CONFIG_FILE).write_text(json.dumps({"format": "vlmkit", "version": 1, "model": to_dict(saved)}, indent=2))
-    return folder
-
-
-def read_model_config(folder: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` of a saved folder with its paths made absolute.
-
-    Raises:
-        FileNotFoundError: ``folder`` is not a vlmkit model folder.
-    """
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; {folder} is not a vlmkit model folder (save one with `vlmkit train`)")
-    data = json.loads(path.read_text())
-    cfg = from_dict(ModelConfig, data["model"], "model")
-    cfg.vision.pretrained = str(folder / cfg.vision.pretrained)
-    cfg.language.pretrained = str(folder / cfg.language.pretrained)
-    cfg.language.tokenizer.path = str(folder / cfg.language.tokenizer.path)
-    cfg.connector.pretrained = str(folder / cfg.connector.pretrained)
-    if cfg.fusion.pretrained:
-        cfg.fusion.pretrained = str(folder / cfg.fusion.pretrained)
-    return cfg
-
-
-def load_model(folder: str | Path, dtype: str | None = None) -> tuple[VisionLanguageModel, VLMProcessor]:
-    """Load a model folder written by :func:`save_model`; ``dtype`` overrides the saved one."""
-    cfg = read_model_config(folder)
-    if dtype:
-        cfg.dtype = dtype
-    with quiet_hf_progress():
-        model, _ = build_model(cfg)
-    processor = VLMProcessor.from_pretrained(folder)
-    model.eval()
-    return model, processor

@@ -17,20 +17,17 @@ The layout follows the language model's kind:
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from vlmkit.processing.image import ImageTransform
-from vlmkit.processing.templates import TEMPLATES, ChatTemplate, Message
-from vlmkit.processing.tokenizer import IMAGE_TOKEN, load_tokenizer, prepare_tokenizer
+from vlmkit.processing.templates import ChatTemplate, Message
+from vlmkit.processing.tokenizer import IMAGE_TOKEN, prepare_tokenizer
 
 IGNORE_INDEX = -100
-PROCESSOR_FILE = "processor_config.json"
 LAYOUTS = ("decoder", "encoder-decoder", "encoder")
 
 
@@ -300,37 +297,3 @@ class VLMProcessor:
             if s and s in self.tokenizer.get_vocab():
                 ids.append(self.tokenizer.convert_tokens_to_ids(s))
         return list(dict.fromkeys(ids))
-
-    # ----------------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the tokenizer and ``processor_config.json`` into ``folder``."""
-        folder = Path(folder)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        t = self.image_transform
-        (folder / PROCESSOR_FILE).write_text(json.dumps({
-            "template": self.template.name,
-            "num_image_tokens": self.num_image_tokens,
-            "max_length": self.max_length,
-            "system_prompt": self.system_prompt,
-            "image_size": t.size, "image_mean": list(t.mean), "image_std": list(t.std), "image_aspect": t.aspect,
-            "layout": self.layout, "answers": self.answers,
-        }, indent=2))
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "VLMProcessor":
-        """Load a processor saved by :meth:`save_pretrained`.
-
-        Raises:
-            FileNotFoundError: ``folder`` has no ``processor_config.json``.
-        """
-        folder = Path(folder)
-        path = folder / PROCESSOR_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; is {folder} a vlmkit model folder?")
-        cfg = json.loads(path.read_text())
-        transform = ImageTransform(cfg["image_size"], tuple(cfg["image_mean"]), tuple(cfg["image_std"]), cfg["image_aspect"])
-        return cls(
-            load_tokenizer(str(folder / "tokenizer")), TEMPLATES.get(cfg["template"]), transform,
-            cfg["num_image_tokens"], cfg["max_length"], cfg.get("system_prompt"),
-            cfg.get("layout", "decoder"), cfg.get("answers"),
-        )

@@ -28,7 +28,8 @@ from vlmkit.config import ConfigError, RecipeConfig, save_yaml, to_dict
 from vlmkit.data import ConversationDataset, iter_texts, load_source
 from vlmkit.data.answers import answer_vocabulary
 from vlmkit.fileio import write_json_atomic
-from vlmkit.models.build import backbone_spec, build_model, save_model
+from vlmkit.models.build import backbone_spec, build_model
+from vlmkit.formats import save_model
 from vlmkit.processing.templates import TEMPLATES
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output

@@ -71,6 +71,12 @@ for _spec in (
         example="google/bit-50",
     ),
     VisionTowerSpec(
+        name="blip2", model_class="Blip2VisionModel", config_class="Blip2VisionConfig",
+        model_types=("blip_2_vision_model",), layout="sequence", has_cls=True,
+        mean=CLIP_MEAN, std=CLIP_STD, description="BLIP-2's EVA-style ViT (fused qkv); its post-layernorm is the Q-Former's vision_norm",
+        example="Salesforce/blip2-opt-2.7b",
+    ),
+    VisionTowerSpec(
         name="automodel", model_class="AutoModel", config_class="", model_types=(ANY_MODEL_TYPE,), layout="auto",
         has_cls=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch_grid=False,
         description="any other AutoModel vision tower (DINOv2, DeiT, Swin, RegNet...); layout and CLS found by a probe",
@@ -86,6 +92,12 @@ def _named_family(model_type: str) -> str | None:
 
 def _generic_family() -> str:
     return next(n for n, s in VISION_TOWERS.items() if s.generic)
+
+
+def family_for_vision_config(hf_config: Any) -> str:
+    """The family id for a transformers vision config: the named family of its ``model_type``, else
+    the generic ``automodel``."""
+    return _named_family(hf_config.model_type) or _generic_family()
 
 
 def resolve_encoder(encoder: str, pretrained: str | None, config: dict[str, Any], trust_remote_code: bool = False) -> str:
