@@ -1,6 +1,6 @@
 """The ``vlmkit`` command line: one dispatch table, ``--help`` on every command.
 
-``vlmkit train | demo | sweep | eval | chat | list`` (also ``python -m vlmkit ...``).
+``vlmkit train | demo | sweep | eval | chat | export | list`` (also ``python -m vlmkit ...``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ def _rows_templates() -> list[tuple[str, ...]]:
     return rows
 
 
+def _rows_formats() -> list[tuple[str, ...]]:
+    from vlmkit.formats import FORMATS
+
+    return [(n, "read + write" if f.writable else "read", f.looks_for, f.description) for n, f in FORMATS.items()]
+
+
 def _rows_recipes() -> list[tuple[str, ...]]:
     from vlmkit.recipes import list_recipes, recipe_description
 
@@ -63,6 +69,7 @@ LISTS: dict[str, tuple[tuple[str, ...], Callable[[], list[tuple[str, ...]]]]] = 
     "backbones": (("family", "kind", "model_type", "sizes", "template", "width from", "used by"), _rows_backbones),
     "templates": (("id", "notes"), _rows_templates),
     "recipes": (("recipe", "description"), _rows_recipes),
+    "formats": (("format", "vlmkit can", "detected by", "description"), _rows_formats),
 }
 
 
@@ -109,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmkit.config import load_recipe
     from vlmkit.training.run import run_training
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + (["model.allow_pickle=true"] if args.allow_pickle else []))
     stages = args.stages.split(",") if args.stages else None
     summary = run_training(recipe, only_stages=stages, evaluate=not args.no_eval)
     _print_summary(summary)
@@ -207,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if run.done:
             print(f"{run.spec.title}: resuming, {len(run.items) - len(run.todo)} of {len(run.items)} questions "
                   f"already answered in {run.log.path}")
-    pipe = VLMPipeline.from_pretrained(args.model, device=args.device)
+    pipe = VLMPipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     results = evaluate(pipe, runs, options, out)
     for name, scores in results.items():
         if name == "easyvqa":
@@ -224,7 +231,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from vlmkit.inference.chat import run_repl
     from vlmkit.inference.pipeline import VLMPipeline
 
-    pipe = VLMPipeline.from_pretrained(args.model, device=args.device)
+    pipe = VLMPipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     settings = {"max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache, "seed": args.seed}
     if args.temperature > 0:
         settings.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
@@ -234,7 +241,49 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_repl(pipe, args.image, settings)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlmkit.formats import export_model
+
+    model, processor, cfg, what = _export_source(Path(args.src), args.stage, args.allow_pickle)
+    dst = export_model(model, processor, cfg, args.format, args.dst)
+    print(f"exported {what} as {args.format} -> {dst}")
+    print(SERVE_HINTS.get(args.format, "").format(dst=dst))
+    return 0
+
+
+SERVE_HINTS = {
+    "hf-llava": ("serve it with any engine that reads transformers LLaVA folders, e.g.\n"
+                 "  transformers serve {dst}   (OpenAI API: POST /v1/chat/completions, needs transformers[serving])\n"
+                 "  vllm serve {dst}\n"
+                 "or load it in Python: AutoModelForImageTextToText.from_pretrained('{dst}'), AutoProcessor.from_pretrained('{dst}')"),
+    "hf-blip2": "load it with transformers: Blip2ForConditionalGeneration.from_pretrained('{dst}'), AutoProcessor.from_pretrained('{dst}')",
+    "llava-original": "load it with the LLaVA repository's load_pretrained_model('{dst}', None, 'llava-v1.5') or vlmkit.load('{dst}')",
+}
+
+
+def _export_source(src: Path, stage: str | None, allow_pickle: bool):
+    """``(model, processor, config, description)`` for ``vlmkit export SRC``: a model folder in any
+    format, a run folder (its completed stages) or one stage folder of a run (stages up to it)."""
+    from vlmkit.formats import load_any
+    from vlmkit.training.run import restore_model
+
+    if (src / "config.yaml").is_file():
+        model, processor, cfg = restore_model(src, stage)
+        return model, processor, cfg, f"run {src}" + (f" up to stage {stage!r}" if stage else "")
+    if (src / "stage.json").is_file() and (src.parent.parent / "config.yaml").is_file():
+        model, processor, cfg = restore_model(src.parent.parent, src.name)
+        return model, processor, cfg, f"stage {src.name!r} of {src.parent.parent} (adapters merged)"
+    if stage:
+        raise ValueError(f"--stage needs a run folder; {src} is not one")
+    loaded = load_any(src, allow_pickle=allow_pickle)
+    return loaded.model, loaded.processor, loaded.config, f"{loaded.format} model {src}"
+
+
 # ---------------------------------------------------------------------------------------------
+
+PICKLE_HELP = ("read pickled weights (original LLaVA pytorch_model.bin, mm_projector.bin) with torch.load(weights_only=True); "
+               "off: safetensors only")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and chat with multimodal LLMs.")
@@ -246,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=3 stages.instruct.lr=2e-4")
     p.add_argument("--stages", help="comma-separated stages to run; earlier ones must be complete")
     p.add_argument("--no-eval", action="store_true", help="skip the recipe's evaluation")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train the embedded easy-VQA model, evaluate it and answer a question",
@@ -277,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", default=None, help="the judge model name")
     p.add_argument("--judge-key", default=None, help="API key (default: $VLMKIT_JUDGE_KEY, then $OPENAI_API_KEY)")
     p.add_argument("--judge-retries", type=int, default=3, help="retries per judge request (default: %(default)s)")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="ask a saved model about an image", description="Answer a prompt about an image; an interactive session when no prompt is given.")
@@ -289,7 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="disable the KV cache (slower; for checks)")
     p.add_argument("--device", default=None)
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="write a model in another checkpoint format",
+                       description="Write a model (a folder in any format vlmkit reads, a run folder, or a stage folder of a "
+                                   "run: its LoRA adapters merged, trained connector and tower kept) in FORMAT to DST. DST is "
+                                   "written completely or not at all; parts the format cannot express are refused by name, "
+                                   "with the formats that can hold them.")
+    p.add_argument("--format", required=True, help="hf-llava, hf-blip2, llava-original or vlmkit (vlmkit list formats)")
+    p.add_argument("src", help="model folder, run folder or stage folder")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--stage", default=None, help="with a run folder: export the model after this stage")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="train every combination of a grid of config choices and compare them",
                        description="Design-space sweep: train each variant of a grid (the cartesian product) in its own run "

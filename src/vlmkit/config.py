@@ -298,9 +298,16 @@ class TrainConfig:
     """torch CPU threads; ``None`` keeps torch's default."""
     progress: bool = True
     """Show a progress bar."""
+    export: list[str] = field(default_factory=list)
+    """Checkpoint formats the final model is also written in, each to ``OUTPUT_DIR/model-FORMAT``
+    (``hf-llava``, ``hf-blip2``, ``llava-original``); checked against the model before the first step."""
 
     def __post_init__(self) -> None:
         _check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        from vlmkit.formats import FORMATS
+
+        for fmt in self.export:
+            _check_choice("train.export", fmt, [n for n, f in FORMATS.items() if f.writable and n != "vlmkit"])
         _check_positive("train.log_every", self.log_every)
         _check_positive("train.save_every", self.save_every, allow_zero=True)
         _check_positive("train.keep_checkpoints", self.keep_checkpoints)

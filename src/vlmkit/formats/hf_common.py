@@ -8,7 +8,6 @@ ignore it; without it (a folder from elsewhere) the folder's Jinja chat template
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -97,10 +96,8 @@ def exported_chat_template(processor: Any) -> str:
     template with the processor's system prompt as its default system message."""
     from vlmkit.processing.jinja import chat_template_jinja
 
-    template = processor.template
-    if isinstance(template, FormatTemplate) and processor.system_prompt is not None:
-        template = dataclasses.replace(template, default_system=processor.system_prompt)
-    return chat_template_jinja(template, processor.tokenizer)
+    named = isinstance(processor.template, FormatTemplate)
+    return chat_template_jinja(processor.template, processor.tokenizer, processor.system_prompt if named else None)
 
 
 def generation_config(processor: Any) -> transformers.GenerationConfig:

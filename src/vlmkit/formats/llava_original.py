@@ -152,6 +152,8 @@ class LlavaOriginalFormat(ModelFormat):
         state = read_tensors(weight_files(folder), options.allow_pickle)
         tower_in_checkpoint = any(k.startswith(TOWER[1]) for k in state)
         tower_source = raw["mm_vision_tower"]
+        if (folder / tower_source).is_dir():  # a tower saved beside the checkpoint (as vlmkit writes it)
+            tower_source = str(folder / tower_source)
         with quiet_hf_progress():
             tower_config = transformers.AutoConfig.from_pretrained(tower_source)
             tower_config = getattr(tower_config, "vision_config", tower_config)

@@ -2,7 +2,12 @@
 
 Transforms are written with Pillow and torch (no torchvision). ``crop`` matches CLIP's processor
 (shortest side to ``size`` with bicubic resampling, then a center crop); ``pad`` is LLaVA-1.5's
-``expand2square``: pad the short side with the mean colour, then resize.
+``expand2square``: pad the short side with the mean colour, then resize; ``resize`` stretches to
+``size x size`` (BLIP-2's processor).
+
+The pixels equal those of the matching transformers image processor (PIL backend) bit for bit:
+:mod:`vlmkit.processing.hf_image` builds it and states where the two part (strips whose intermediate
+image would exceed :data:`RESAMPLE_PIXEL_BUDGET`, 16/32-bit greyscale input).
 """
 
 from __future__ import annotations
@@ -23,11 +28,16 @@ class ImageError(ValueError):
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow image to 8-bit RGB.
 
-    Handles: palette (``P``, transparency included), ``RGBA``/``LA`` (composited on white so
-    transparent pixels do not turn black), grey ``L``/``1``, ``CMYK``, ``YCbCr``, 16/32-bit
-    ``I;16``/``I``/``F`` greyscale (scaled by their actual range, not clipped at 255).
+    Handles: palette (``P``, transparency included), ``RGBA``/``LA`` and ``RGB``/``L`` with a
+    transparent colour key (composited on white so transparent pixels do not turn black), grey
+    ``L``/``1``, ``CMYK``, ``YCbCr``, 16/32-bit ``I;16``/``I``/``F`` greyscale (scaled by their actual
+    range, not clipped at 255, where transformers' ``convert_to_rgb`` clips them).
     """
     mode = image.mode
+    if mode in ("RGB", "L") and image.info.get("transparency") is not None:
+        # a PNG tRNS colour key: its pixels are transparent, so they become white like other transparency
+        mode = "RGBA"
+        image = image.convert("RGBA")
     if mode == "RGB":
         return image
     if mode == "P":
@@ -98,8 +108,21 @@ def _too_large(path: Path, width: int, height: int, limit: int) -> ImageError:
     )
 
 
-#: Above this ratio of the resized long side to the output side, only the cropped window is resampled.
+#: Beyond this aspect ratio (the resized long side over the output side for ``crop``, the long side over
+#: the short one for ``pad``) a transform whose intermediate image would exceed
+#: :data:`RESAMPLE_PIXEL_BUDGET` takes a shortcut: ``crop`` resamples only the kept window, ``pad``
+#: shrinks before padding. Only then do pixels differ from transformers' (which builds the full image).
 EXTREME_ASPECT = 8
+
+#: Most pixels of an intermediate image (the shortest-side resize, the padded square) built for an
+#: extreme aspect ratio: 2**24 (about 50 MB of RGB). A 20000x1 strip would otherwise need 20000^2.
+RESAMPLE_PIXEL_BUDGET = 1 << 24
+
+#: The aspect choices of :class:`ImageTransform`.
+ASPECTS = ("crop", "pad", "resize")
+
+#: 8-bit pixels to [0, 1]; the same float as transformers' default ``rescale_factor``.
+RESCALE_FACTOR = 1 / 255
 
 
 @dataclass(frozen=True)
@@ -109,8 +132,12 @@ class ImageTransform:
     Args:
         size: output side in pixels.
         mean / std: per-channel normalisation (0-1 scale).
-        aspect: ``crop`` (resize shortest side, center-crop) or ``pad`` (pad to square with the mean
-            colour, then resize).
+        aspect: ``crop`` (resize shortest side, center-crop), ``pad`` (pad to square with the mean
+            colour, then resize) or ``resize`` (stretch to ``size x size``, the aspect ratio is not kept).
+            Resampling is bicubic throughout.
+
+    Raises:
+        ValueError: an unknown ``aspect``.
     """
 
     size: int
@@ -119,19 +146,25 @@ class ImageTransform:
     aspect: str = "crop"
 
     def __post_init__(self) -> None:
-        if self.aspect not in ("crop", "pad"):
-            raise ValueError(f"image aspect {self.aspect!r} is not valid; choose 'crop' or 'pad'")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"image aspect {self.aspect!r} is not valid; choose 'crop', 'pad' or 'resize'")
 
     def geometry(self, image: Image.Image) -> Image.Image:
-        """Resize/crop or pad+resize to ``size x size`` (still a PIL image)."""
+        """Resize/crop, pad+resize or stretch to ``size x size`` (still a PIL image)."""
         image = to_rgb(image)
+        if self.aspect == "resize":
+            # Pillow returns a copy when the size already matches, as transformers' resize does
+            return image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         if self.aspect == "pad":
             w, h = image.size
             if w != h:
                 side = max(w, h)
-                fill = tuple(int(round(m * 255)) for m in self.mean)
-                if side > EXTREME_ASPECT * min(w, h) and side > self.size:
-                    # a 100000x1 strip would need a 100000^2 canvas: shrink first, then pad
+                # truncated, not rounded: LLaVA-1.5's expand2square and transformers' LlavaImageProcessor
+                # both use int(m * 255) (CLIP's mean gives (122, 116, 104), rounding would give (123, 117, 104))
+                fill = tuple(int(m * 255) for m in self.mean)
+                if side > EXTREME_ASPECT * min(w, h) and side > self.size and side * side > RESAMPLE_PIXEL_BUDGET:
+                    # a 100000x1 strip would need a 100000^2 canvas: shrink first, then pad (smaller strips
+                    # take the full path, whose pixels match transformers')
                     scale = self.size / side
                     image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
                     w, h, side = *image.size, self.size
@@ -145,9 +178,9 @@ class ImageTransform:
         if min(w, h) != self.size:
             # same arithmetic as transformers' resize(shortest_edge): the long side is truncated
             new = (self.size, int(self.size * h / w)) if w <= h else (int(self.size * w / h), self.size)
-            if max(new) > EXTREME_ASPECT * self.size:
+            if max(new) > EXTREME_ASPECT * self.size and new[0] * new[1] > RESAMPLE_PIXEL_BUDGET:
                 # a 100000x1 strip would become a 6.4M x 64 intermediate: resample only the kept window
-                # (the same source coordinates as resize-then-crop)
+                # (the same source coordinates as resize-then-crop; Pillow's rounding may differ slightly)
                 left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
                 sx, sy = new[0] / w, new[1] / h
                 box = (left / sx, top / sy, (left + self.size) / sx, (top + self.size) / sy)
@@ -161,9 +194,10 @@ class ImageTransform:
         return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Normalised pixels ``(3, size, size)``."""
-        arr = np.asarray(self.geometry(image), dtype=np.float32) / 255.0
-        pixels = torch.from_numpy(arr).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (pixels - mean) / std
+        """Normalised pixels ``(3, size, size)`` float32."""
+        # transformers' order and dtypes, so pixel_values match its processors bit for bit: rescale in
+        # float64 by the factor 1/255, round to float32, then (x - mean) / std in float32
+        arr = (np.asarray(self.geometry(image), dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(((arr - mean) / std).transpose(2, 0, 1)))

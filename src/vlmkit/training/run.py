@@ -24,12 +24,12 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
-from vlmkit.config import ConfigError, RecipeConfig, save_yaml, to_dict
+from vlmkit.config import ConfigError, ModelConfig, RecipeConfig, save_yaml, to_dict
 from vlmkit.data import ConversationDataset, iter_texts, load_source
 from vlmkit.data.answers import answer_vocabulary
 from vlmkit.fileio import write_json_atomic
 from vlmkit.models.build import backbone_spec, build_model
-from vlmkit.formats import save_model
+from vlmkit.formats import export_model, save_model
 from vlmkit.processing.templates import TEMPLATES
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
@@ -45,6 +45,7 @@ class RunSummary:
     output_dir: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_dir: Path | None = None
+    exports: dict[str, Path] = field(default_factory=dict)
     eval: dict[str, Any] | None = None
     seconds: float = 0.0
 
@@ -126,7 +127,7 @@ def _ensure_answers(recipe: RecipeConfig, sources: dict, out: Path) -> None:
     """Encoder-only backbones classify answers: without ``model.answers``, build the vocabulary from
     the replies of every stage whose data is not caption data (template ``plain``; captions are
     image-text matching pairs), and keep it in ``answers.json`` so a resumed run uses the same one."""
-    if recipe.model.answers or backbone_spec(recipe.model).kind != "encoder":
+    if recipe.model.answers or recipe.model.pretrained or backbone_spec(recipe.model).kind != "encoder":
         return
     path = out / "answers.json"
     if path.is_file():
@@ -178,6 +179,96 @@ def _run_eval(recipe: RecipeConfig, out: Path, pipeline, run, fresh: bool) -> di
     return record
 
 
+def _tokenizer(recipe: RecipeConfig, out: Path, sources: dict) -> Any:
+    """The run's tokenizer when the recipe trains one (trained once, kept in ``out/tokenizer``), else ``None``."""
+    tok_dir = out / "tokenizer"
+    size = recipe.model.language.tokenizer.train_vocab_size
+    if not size:
+        return None
+    if tok_dir.is_dir():
+        return load_tokenizer(str(tok_dir))
+    from vlmkit.processing.tokenizer import train_bpe_tokenizer
+
+    texts = []
+    for stage in recipe.stages:
+        name = stage.data.template or recipe.model.template
+        template = TEMPLATES.get(name) if name in TEMPLATES else None
+        texts += iter_texts(sources[stage.name].samples, template, recipe.model.system_prompt)
+    tokenizer = train_bpe_tokenizer(texts, size)
+    tokenizer.save_pretrained(tok_dir)
+    log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(tokenizer), len(texts), tok_dir)
+    return tokenizer
+
+
+def initial_model(recipe: RecipeConfig, out: Path, sources: dict | None = None) -> tuple[Any, Any, ModelConfig]:
+    """The model the first stage starts from, its processor and the config that describes it: a
+    complete model read from ``model.pretrained`` (any format), else the one ``model`` builds.
+
+    Raises:
+        ConfigError: ``model.pretrained`` with a tokenizer to train (the folder brings its own).
+    """
+    if recipe.model.pretrained:
+        from vlmkit.formats import load_any
+
+        if recipe.model.language.tokenizer.train_vocab_size:
+            raise ConfigError("model.pretrained brings its own tokenizer; remove model.language.tokenizer.train_vocab_size")
+        loaded = load_any(recipe.model.pretrained, None, recipe.model.allow_pickle)
+        loaded.model.train()
+        return loaded.model, loaded.processor, loaded.config
+    if sources is None:
+        sources = {s.name: load_source(s.data) for s in recipe.stages} if recipe.model.language.tokenizer.train_vocab_size else {}
+    model, processor = build_model(recipe.model, _tokenizer(recipe, out, sources))
+    return model, processor, recipe.model
+
+
+def check_exports(recipe: RecipeConfig, model: Any, processor: Any, model_cfg: ModelConfig) -> None:
+    """Before the first step: every ``train.export`` format can express the model.
+
+    Raises:
+        ConfigError: names the format and the parts it cannot hold.
+    """
+    from vlmkit.formats import unsupported_parts
+
+    for fmt in recipe.train.export:
+        lines = [line for line in unsupported_parts(model, processor, model_cfg, fmt) if "LoRA" not in line]
+        if lines:
+            raise ConfigError(f"train.export: {fmt} cannot express this model:\n  " + "\n  ".join(lines))
+
+
+def restore_model(run_dir: str | Path, stage: str | None = None) -> tuple[Any, Any, ModelConfig]:
+    """The model of a run folder after its completed stages (up to and including ``stage``),
+    LoRA adapters merged: what ``vlmkit export`` writes for a run or stage folder.
+
+    Raises:
+        ConfigError: no ``config.yaml``, an unknown stage, or ``stage`` (or no stage) complete.
+    """
+    from vlmkit.config import from_dict
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+    recipe = from_dict(RecipeConfig, yaml.safe_load(path.read_text()))
+    names = [s.name for s in recipe.stages]
+    if stage is not None and stage not in names:
+        raise ConfigError(f"{run_dir}: unknown stage {stage!r}; stages: {', '.join(names)}")
+    model, processor, model_cfg = initial_model(recipe, run_dir)
+    applied = []
+    for s in recipe.stages:
+        folder = run_dir / "stages" / s.name
+        if not is_complete(folder):
+            break
+        apply_stage_output(model, folder)
+        applied.append(s.name)
+        if s.name == stage:
+            break
+    if stage is not None and stage not in applied:
+        raise ConfigError(f"{run_dir}: stage {stage!r} is not complete (complete: {', '.join(applied) or 'none'})")
+    if not applied:
+        raise ConfigError(f"{run_dir}: no stage is complete yet")
+    return model.eval(), processor, model_cfg
+
+
 def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, started: float) -> RunSummary:
     train = recipe.train
     if train.threads:
@@ -185,30 +276,14 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
     accelerator = make_accelerator(train.precision)
     sources = {s.name: load_source(s.data) for s in recipe.stages}
 
-    tok_dir = out / "tokenizer"
-    tokenizer = None
-    if recipe.model.language.tokenizer.train_vocab_size:
-        if tok_dir.is_dir():
-            tokenizer = load_tokenizer(str(tok_dir))
-        else:
-            from vlmkit.processing.tokenizer import train_bpe_tokenizer
-
-            texts = []
-            for stage in recipe.stages:
-                name = stage.data.template or recipe.model.template
-                template = TEMPLATES.get(name) if name in TEMPLATES else None
-                texts += iter_texts(sources[stage.name].samples, template, recipe.model.system_prompt)
-            tokenizer = train_bpe_tokenizer(texts, recipe.model.language.tokenizer.train_vocab_size)
-            tokenizer.save_pretrained(tok_dir)
-            log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(tokenizer), len(texts), tok_dir)
-
     _ensure_answers(recipe, sources, out)
     set_seed(train.seed)
-    model, processor = build_model(recipe.model, tokenizer)
+    model, processor, model_cfg = initial_model(recipe, out, sources)
     model.to(accelerator.device)
-    log.info("model: %s tower -> %s connector (%d visual tokens per image) -> %s LM; %s parameters",
-             recipe.model.vision.encoder, recipe.model.connector.type, model.num_image_tokens,
-             recipe.model.language.backbone, f"{sum(p.numel() for p in model.parameters()):,}")
+    check_exports(recipe, model, processor, model_cfg)
+    log.info("model: %s tower -> %s connector (%d visual tokens per image) -> %s LM; %s parameters%s",
+             model.vision.spec.name, model_cfg.connector.type, model.num_image_tokens, model.language.spec.name,
+             f"{sum(p.numel() for p in model.parameters()):,}", f" (from {recipe.model.pretrained})" if recipe.model.pretrained else "")
     summary = RunSummary(out)
     stop_left = stop_after
     for index, stage in enumerate(recipe.stages):
@@ -238,8 +313,11 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
             summary.seconds = time.perf_counter() - started
             return summary
 
-    summary.model_dir = save_model(model, processor, recipe.model, out / "model")
+    summary.model_dir = save_model(model, processor, model_cfg, out / "model")
     log.info("saved the model to %s", summary.model_dir)
+    for fmt in train.export:
+        summary.exports[fmt] = export_model(model, processor, model_cfg, fmt, out / f"model-{fmt}", overwrite=True)
+        log.info("exported the model as %s to %s", fmt, summary.exports[fmt])
     if eval_run is not None:
         from vlmkit.inference.pipeline import VLMPipeline
 
