@@ -60,3 +60,43 @@ def hf_inputs(folder: Path, question: str = "what shape is it?", seed: int = 0) 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     return processor(images=image(seed), text=prompt, return_tensors="pt")
+
+
+TINY_BLIP2_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, cross_attention_frequency=2)
+
+
+def t5_tokenizer():
+    """The BPE tokenizer with T5's conventions: pad 0 as decoder start, EOS appended to every text."""
+    from tokenizers import processors
+
+    tok = bpe_tokenizer()
+    tok.add_special_tokens({"eos_token": "</s>"})
+    eos = tok.convert_tokens_to_ids("</s>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", eos)])
+    return tok
+
+
+def save_hf_blip2(folder: Path, text: str = "opt", seed: int = 0) -> Path:
+    """A random Blip2ForConditionalGeneration + Blip2Processor saved by transformers (OPT or Flan-T5)."""
+    torch.manual_seed(seed)
+    if text == "opt":
+        tok = bpe_tokenizer()
+        tc = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                                    max_position_embeddings=256, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    else:
+        tok = t5_tokenizer()
+        tc = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                                   vocab_size=len(tok), feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    config = transformers.Blip2Config(vision_config=TINY_BLIP2_VISION, qformer_config={**TINY_QFORMER, "encoder_hidden_size": 32},
+                                      text_config=tc.to_dict(), num_query_tokens=4,
+                                      image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers starts the queries at zero; spread them so the parity check is meaningful
+        model.query_tokens.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    improc = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
+    transformers.Blip2Processor(image_processor=improc, tokenizer=tok, num_query_tokens=4).save_pretrained(folder)
+    return folder

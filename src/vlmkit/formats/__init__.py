@@ -13,7 +13,7 @@ from typing import Any
 
 from vlmkit.config import ModelConfig
 from vlmkit.fileio import atomic_directory
-from vlmkit.formats import hf_llava, llava_original, vlmkit  # noqa: F401  (each registers its format)
+from vlmkit.formats import hf_blip2, hf_llava, llava_original, vlmkit  # noqa: F401  (each registers its format)
 from vlmkit.formats.base import FORMATS, FormatError, LoadedModel, ModelFormat, Problem, ReadOptions
 
 __all__ = ["FORMATS", "FormatError", "LoadedModel", "ModelFormat", "Problem", "ReadOptions", "detect_format",

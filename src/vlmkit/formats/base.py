@@ -110,11 +110,12 @@ class KeyTable:
     aliases: tuple[tuple[str, str], ...] = field(default=())
 
     def to_format(self, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-        """vlmkit names -> format names.
+        """vlmkit names -> format names (the vlmkit copies an alias made are not written twice).
 
         Raises:
             FormatError: a tensor no row covers (names it and ``where``).
         """
+        state = {k: t for k, t in state.items() if not any(k.startswith(v) for v, _ in self.aliases)}
         return _rename(state, [(v, f) for v, f in self.rows], where, "vlmkit")
 
     def from_format(self, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

@@ -47,17 +47,28 @@ def load_hf_model(cls: type, folder: Path, dtype: str | None) -> tuple[Any, Any]
     check_tensor_headers(safetensors_files(folder))
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
     try:
-        model, info = cls.from_pretrained(folder, config=config, use_safetensors=True, output_loading_info=True, **kwargs)
+        # mismatched sizes are reported (and raised below, naming the tensors) rather than raised by
+        # transformers with a message that points at its log
+        model, info = cls.from_pretrained(folder, config=config, use_safetensors=True, output_loading_info=True,
+                                          ignore_mismatched_sizes=True, **kwargs)
     except (RuntimeError, ValueError, OSError) as exc:
         raise FormatError(f"{folder}: transformers could not load it as {cls.__name__}: {str(exc).splitlines()[0]}") from None
     problems = []
     for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        found = [str(k) for k in info.get(what) or []]
+        found = [_describe(k) for k in info.get(what) or []]
         if found:
             problems.append(f"{what.replace('_', ' ')}: {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}")
     if problems:
         raise FormatError(f"{folder} does not match its config.json ({cls.__name__}): {'; '.join(problems)}")
     return model, config
+
+
+def _describe(entry: Any) -> str:
+    """A loading-info entry: a key, or ``(key, checkpoint shape, model shape)`` for a mismatch."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        key, have, want = entry
+        return f"{key} (shape {tuple(have)} in the checkpoint, {tuple(want)} from config.json)"
+    return str(entry)
 
 
 def dtype_name(model: Any) -> str:

@@ -58,7 +58,7 @@ from vlmkit.processing.templates import ChatTemplate, FormatTemplate, TemplateEr
 from vlmkit.processing.tokenizer import IMAGE_TOKEN
 
 # the fields each format string may use, as FormatTemplate.segments fills them
-_FORMAT_FIELDS = {"system": ("content",), "user": ("content",), "assistant": ("content", "eos")}
+_FORMAT_FIELDS = {"system": ("content",), "user": ("content", "eos"), "assistant": ("content", "eos")}
 
 _CONTENT_MACRO = """\
 {%- macro vlm_content(content) -%}
@@ -115,6 +115,9 @@ def chat_template_jinja(template: ChatTemplate, tokenizer: Any, system_prompt: s
         return own
     if not isinstance(template, FormatTemplate):
         raise TypeError(f"cannot write a Jinja template for {type(template).__name__}; expected a FormatTemplate")
+    if template.images_first or template.tokenizer_specials:
+        raise ValueError(f"template {template.name!r} moves images before the BOS token, which a chat template cannot express; "
+                         "its prompts are built by the processor (BLIP-2's Blip2Processor does the same)")
     return _format_template_jinja(template, template.default_system if system_prompt is None else system_prompt)
 
 

@@ -89,6 +89,13 @@ class FormatTemplate(ChatTemplate):
         stop: strings that end the assistant's turn.
         images_only_user: keep only the ``<image>`` placeholders of user turns (``plain``).
         first_separator: text between the system block and the first turn.
+        images_first: move every user turn's ``<image>`` placeholders (and the newline after each) to
+            the very start, before the BOS token (BLIP-2's processor puts the query tokens there).
+        tokenizer_specials: wrap the prompt (after the images, up to where the last reply starts) in
+            the special tokens the tokenizer itself adds to a text (OPT's BOS before, T5's EOS after),
+            as ``tokenizer(prompt)`` does in processors that take plain text (BLIP-2).
+
+    ``user`` and ``assistant`` may use ``{eos}`` (the tokenizer's EOS token) as well as ``{content}``.
     """
 
     name: str
@@ -102,13 +109,23 @@ class FormatTemplate(ChatTemplate):
     stop: tuple[str, ...] = ()
     images_only_user: bool = False
     first_separator: str = ""
+    images_first: bool = False
+    tokenizer_specials: bool = False
 
     def segments(self, messages: list[Message], tokenizer: Any, add_generation_prompt: bool = False) -> list[Segment]:
         check_conversation(messages, for_generation=add_generation_prompt)
         eos = getattr(tokenizer, "eos_token", None) or ""
         out: list[Segment] = []
+        if self.images_first:
+            count = sum(m.content.count("<image>") for m in messages if m.role == "user")
+            messages = [Message(m.role, m.content.replace("<image>\n", "").replace("<image>", "")) if m.role == "user" else m
+                        for m in messages]
+            out.append(("<image>" * count, False))
         if self.bos and getattr(tokenizer, "bos_token", None):
             out.append((tokenizer.bos_token, False))
+        before, after = _tokenizer_specials(tokenizer) if self.tokenizer_specials else ("", "")
+        out.append((before, False))
+        last_user = max(i for i, m in enumerate(messages) if m.role == "user")
         body = messages
         system = self.default_system
         if messages[0].role == "system":
@@ -120,7 +137,9 @@ class FormatTemplate(ChatTemplate):
                 content = msg.content
                 if self.images_only_user:
                     content = "<image>" * content.count("<image>")
-                out.append((self.user.format(content=content) + self.assistant_prefix, False))
+                out.append((self.user.format(content=content, eos=eos) + self.assistant_prefix, False))
+                if msg is messages[last_user]:
+                    out.append((after, False))
             else:
                 out.append((self.assistant.format(content=msg.content, eos=eos), True))
                 if self.assistant_suffix:
@@ -130,6 +149,15 @@ class FormatTemplate(ChatTemplate):
     def stop_strings(self, tokenizer: Any) -> tuple[str, ...]:
         eos = getattr(tokenizer, "eos_token", None) or ""
         return tuple(s.format(eos=eos) for s in self.stop if s.format(eos=eos))
+
+
+def _tokenizer_specials(tokenizer: Any) -> tuple[str, str]:
+    """The special tokens ``tokenizer`` adds before and after a text, as strings."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), 0)
+    as_text = lambda ids: "".join(tokenizer.convert_ids_to_tokens(ids))  # noqa: E731  (special tokens are whole tokens)
+    return as_text(full[:start]), as_text(full[start + len(bare):])
 
 
 @dataclass(frozen=True)
@@ -199,6 +227,15 @@ TEMPLATES.register(
     FormatTemplate(
         name="qa", system="{content}\n", user="Question: {content}", assistant_prefix=" Answer:",
         assistant=" {content}{eos}", assistant_suffix="\n", stop=("{eos}",),
+    ),
+)
+# BLIP-2's prompts as Blip2Processor builds them: the query tokens first, then the tokenizer's own
+# special tokens around "Question: ... Answer:" (OPT's BOS before it; T5's EOS after it)
+TEMPLATES.register(
+    "blip2",
+    FormatTemplate(
+        name="blip2", system="", user="Question: {content}", assistant_prefix=" Answer:", assistant=" {content}{eos}",
+        images_first=True, tokenizer_specials=True, stop=("{eos}",),
     ),
 )
 TEMPLATES.register(

@@ -252,6 +252,9 @@ def restore_model(run_dir: str | Path, stage: str | None = None) -> tuple[Any, A
     names = [s.name for s in recipe.stages]
     if stage is not None and stage not in names:
         raise ConfigError(f"{run_dir}: unknown stage {stage!r}; stages: {', '.join(names)}")
+    if (run_dir / "answers.json").is_file():
+        recipe.model.answers = json.loads((run_dir / "answers.json").read_text())
+    set_seed(recipe.train.seed)  # parts no stage trained are the run's seeded initialisation (as on resume)
     model, processor, model_cfg = initial_model(recipe, run_dir)
     applied = []
     for s in recipe.stages:

