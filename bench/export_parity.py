@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--export-dir", default=None, help="keep the export here (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     import vlmkit
     from vlmkit.data.easyvqa import load_questions

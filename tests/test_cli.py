@@ -56,7 +56,7 @@ def test_list_prints_every_registry_entry(what, capsys):
     out = capsys.readouterr().out
     expected = {"encoders": ["clip", "siglip", "resnet", "convnext"], "connectors": ["linear", "mlp2x_gelu"],
                 "backbones": ["llama", "qwen2", "phi"], "templates": ["plain", "vicuna_v1", "llama3", "chatml", "tokenizer"],
-                "recipes": ["easyvqa-tiny"]}[what]
+                "recipes": ["easyvqa-tiny"], "formats": ["vlmkit", "hf-llava", "hf-blip2", "llava-original"]}[what]
     first_column = {line.split()[0] for line in out.splitlines()[2:] if line.strip()}
     assert set(expected) <= first_column
     if what == "backbones":  # every family, with its kind, typical sizes and the models built on it
@@ -111,7 +111,7 @@ def test_repl_keeps_history_and_switches_images(trained):
 
 def test_cli_errors_exit_2_with_message(tmp_path, capsys):
     assert main(["chat", "--model", str(tmp_path), "hi"]) == 2
-    assert "is not a vlmkit model folder" in capsys.readouterr().err
+    assert "is not a model folder of a known layout" in capsys.readouterr().err
     assert main(["train", "easyvqa-tiny", "train.sed=1"]) == 2
     assert "unknown config key 'train.sed'" in capsys.readouterr().err
 

@@ -40,8 +40,8 @@ def test_easyvqa_smollm2_recipe_runs_end_to_end(tmp_path):
     config = json.loads((tmp_path / "run" / "model" / "language" / "config.json").read_text())
     assert json.loads((Path(cached) / "config.json").read_text())["hidden_size"] == 576
     assert config["model_type"] == "llama" and config["hidden_size"] == 576 and config["num_hidden_layers"] == 30
-    processor_cfg = json.loads((tmp_path / "run" / "model" / "processor_config.json").read_text())
-    assert processor_cfg["template"] == "tokenizer"  # SmolLM2's own chat template
+    saved = json.loads((tmp_path / "run" / "model" / "vlmkit_config.json").read_text())
+    assert saved["model"]["template"] == "tokenizer"  # SmolLM2's own chat template
     assert (tmp_path / "run" / "stages" / "instruct" / "adapters" / "language" / "adapter_model.safetensors").is_file()
 
     pipe = VLMPipeline.from_pretrained(summary.model_dir)

@@ -160,10 +160,10 @@ class LlavaOriginalFormat(ModelFormat):
             # the tower's preprocessor gives the normalisation; its weights only when the checkpoint lacks them
             reference = build_vision_encoder("auto", tower_source, {}, raw.get("mm_vision_select_layer", -2),
                                              SELECT_FEATURE[feature], None, None, None) if not tower_in_checkpoint else None
-        from vlmkit.models.vision.towers import _read_preprocessor, _crop_size
+        from vlmkit.models.vision.towers import read_preprocessor, crop_size
 
-        pre = _read_preprocessor(tower_source)
-        size = _crop_size(pre) or tower_config.image_size
+        pre = read_preprocessor(tower_source)
+        size = crop_size(pre) or tower_config.image_size
         encoder = family_for_vision_config(tower_config)
         cfg = ModelConfig(
             vision=VisionConfig(

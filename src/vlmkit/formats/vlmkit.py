@@ -2,9 +2,11 @@
 
 ::
 
-    vlmkit_config.json      {"format": "vlmkit", "version": 1, "model": ModelConfig} with paths relative
-                            to the folder: template, system prompt, max length, image transform and
-                            answers live here and nowhere else
+    vlmkit_config.json      {"format": "vlmkit", "version": 1, "model": ModelConfig, "num_image_tokens": N}
+                            with paths relative to the folder: template, system prompt, max length,
+                            image transform and answers live here and nowhere else (the visual
+                            token count is derived from them, recorded for tools that do not load
+                            the model, such as sweeps)
     vision/                 the vision tower (transformers save_pretrained)
     connector.safetensors   the connector weights
     fusion.safetensors      the cross-attention blocks (cross_attention fusion only)
@@ -77,7 +79,8 @@ class VlmkitFormat(ModelFormat):
             if fusion_state:
                 save_tensors(fusion_state, folder / "fusion.safetensors", {"fusion": cfg.fusion.type})
             processor.tokenizer.save_pretrained(folder / "tokenizer")
-        (folder / CONFIG_FILE).write_text(json.dumps({"format": "vlmkit", "version": 1, "model": to_dict(saved)}, indent=2))
+        record = {"format": "vlmkit", "version": 1, "model": to_dict(saved), "num_image_tokens": model.num_image_tokens}
+        (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2))
 
     def read(self, folder: Path, options: ReadOptions) -> LoadedModel:
         from vlmkit.models.build import build_model

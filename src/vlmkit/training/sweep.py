@@ -304,7 +304,7 @@ def is_finished(config: RecipeConfig) -> bool:
     """Whether ``config``'s run folder holds this exact config, a saved model and ``eval.json``."""
     out = Path(config.train.output_dir)
     saved = out / "config.yaml"
-    return ((out / "eval.json").is_file() and (out / "model" / "processor_config.json").is_file()
+    return ((out / "eval.json").is_file() and (out / "model" / "vlmkit_config.json").is_file()
             and saved.is_file() and yaml.safe_load(saved.read_text()) == to_dict(config))
 
 
@@ -338,12 +338,12 @@ def collect_row(variant: Variant, folder: str | Path, reused: bool) -> dict[str,
     if "accuracy" not in scores:
         raise ValueError(f"{folder / 'eval.json'} has no 'accuracy' score (it has: {', '.join(scores)}); "
                          "a sweep compares accuracy")
-    processor = json.loads((folder / "model" / "processor_config.json").read_text())
+    saved = json.loads((folder / "model" / "vlmkit_config.json").read_text())
     stages = [json.loads(p.read_text()) for p in sorted((folder / "stages").glob("*/stage.json"))]
     return {
         "variant": variant.name,
         "settings": {k: yaml.safe_load(v) for k, v in variant.settings},
-        "visual_tokens": int(processor["num_image_tokens"]),
+        "visual_tokens": int(saved["num_image_tokens"]),
         "parameters": count_saved_parameters(folder / "model"),
         "train_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
         "accuracy": scores["accuracy"],

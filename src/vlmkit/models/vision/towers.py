@@ -172,7 +172,7 @@ def _probe_layout(spec: VisionTowerSpec, tower: torch.nn.Module, image_size: int
     return dataclasses.replace(spec, layout="sequence", has_cls=prefix > 0, prefix_tokens=prefix)
 
 
-def _read_preprocessor(path: str) -> dict[str, Any]:
+def read_preprocessor(path: str) -> dict[str, Any]:
     """The tower's ``preprocessor_config.json`` as a dict, or ``{}`` when it has none."""
     local = Path(path) / "preprocessor_config.json"
     if local.is_file():
@@ -188,7 +188,7 @@ def _read_preprocessor(path: str) -> dict[str, Any]:
     return json.loads(Path(resolved).read_text()) if resolved else {}
 
 
-def _crop_size(pre: dict[str, Any]) -> int | None:
+def crop_size(pre: dict[str, Any]) -> int | None:
     for key in ("crop_size", "size"):
         value = pre.get(key)
         if isinstance(value, int):
@@ -236,7 +236,7 @@ def build_vision_encoder(
             )
         override_fields(hf_config, config, "model.vision.config")
         tower = load_safetensors(model_cls, pretrained, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
-        pre = _read_preprocessor(pretrained)
+        pre = read_preprocessor(pretrained)
     elif spec.generic:
         if "model_type" not in config:
             raise ValueError(f"encoder {spec.name!r} builds from scratch from model.vision.config.model_type (e.g. dinov2, swin, regnet)")
@@ -247,7 +247,7 @@ def build_vision_encoder(
         tower = model_cls(make_hf_config(spec.config_class, config, "model.vision.config"))
     if dtype is not None:
         tower = tower.to(dtype)
-    size = int(image_size or _crop_size(pre) or _config_image_size(tower.config) or 224)
+    size = int(image_size or crop_size(pre) or _config_image_size(tower.config) or 224)
     if spec.generic:
         _check_vision_model(tower, pretrained or "model.vision.config")
         spec = _probe_layout(spec, tower, size, feature_layer)
