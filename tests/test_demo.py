@@ -21,6 +21,23 @@ SHORT = [
 ]
 
 
+def _check_transformers_answers_like_vlmkit(exported, model_dir, n=48):
+    """transformers alone (AutoProcessor + apply_chat_template + generate) on the exported folder gives
+    vlmkit's greedy answers to the first ``n`` test questions (the full 9,673: bench/export_parity.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from export_parity import transformers_answers, vlmkit_answers
+
+    import vlmkit
+    from vlmkit.data.easyvqa import load_questions
+
+    questions = load_questions("test")[:n]
+    ours = vlmkit_answers(vlmkit.load(model_dir), questions, 16, 4)
+    assert transformers_answers(exported, questions, 16, 4) == ours
+
+
 @pytest.mark.slow
 def test_short_demo_schedule_learns(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -39,6 +56,10 @@ def test_short_demo_schedule_learns(tmp_path, capsys):
     check_quality("short demo: yes/no color negated", scores["per_type"]["yes/no color negated"], above=0.9)
     assert f"easy-VQA test accuracy: {100 * scores['accuracy']:.2f}%" in printed
     assert printed.count("  Q: ") == 3 and "demo wall time" in printed
+    # the second part: the exportable recipe, exported as hf-llava; transformers answers as vlmkit does
+    exported = tmp_path / "demo-llava" / "model-hf-llava"
+    assert f"exported as hf-llava: {exported}" in printed and f"transformers serve {exported}" in printed
+    _check_transformers_answers_like_vlmkit(exported, tmp_path / "demo-llava" / "model")
     demo_predictions = [json.loads(x) for x in (out / "eval" / "easyvqa" / "predictions.jsonl").read_text().splitlines()]
     assert len(demo_predictions) == 800
 

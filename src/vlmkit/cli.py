@@ -131,6 +131,8 @@ def _print_summary(summary) -> None:
               f"{info.get('seconds', 0):.0f} s{reused}")
     if summary.model_dir:
         print(f"  model: {summary.model_dir}")
+    for fmt, folder in summary.exports.items():
+        print(f"  exported as {fmt}: {folder}")
     if summary.eval:
         print_eval(summary.eval)
 
@@ -172,8 +174,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for q in questions[: args.questions]:
         answer = pipe.chat(q.image_path, q.text, max_new_tokens=4)
         print(f"  Q: {q.text:<45} A: {answer:<10} (reference: {q.answer})")
+    if not args.no_export:
+        _demo_export(args)
     print(f"\ndemo wall time: {time.perf_counter() - started:.0f} s")
     return 0
+
+
+#: the embedded recipe whose model transformers' LLaVA classes can hold (the demo model's BiT tower and
+#: token merging cannot be expressed there)
+EXPORT_RECIPE = "easyvqa-llava"
+
+
+def _demo_export(args: argparse.Namespace) -> None:
+    """The demo's second part: train the exportable recipe, export it as hf-llava, say how to serve it."""
+    from vlmkit.config import load_recipe
+    from vlmkit.recipes import recipe_description
+    from vlmkit.training.run import run_training
+
+    out = f"{args.output_dir.rstrip('/')}-llava"
+    print(f"\nAn exportable model: {EXPORT_RECIPE}: {recipe_description(EXPORT_RECIPE)}")
+    recipe = load_recipe(EXPORT_RECIPE, [f"train.output_dir={out}", "train.export=[hf-llava]", *args.overrides])
+    summary = run_training(recipe)
+    _print_summary(summary)
+    dst = summary.exports["hf-llava"]
+    print("  " + SERVE_HINTS["hf-llava"].format(dst=dst).replace("\n", "\n  "))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -299,11 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train the embedded easy-VQA model, evaluate it and answer a question",
-                       description="Train easyvqa-tiny on easy-VQA (downloads nothing), evaluate on the 1,000-image test split, answer questions.")
+                       description="Train easyvqa-tiny on easy-VQA (downloads nothing), evaluate on the 1,000-image test split, answer "
+                                   f"questions; then train {EXPORT_RECIPE} (a model transformers' LLaVA can hold) and export it as hf-llava. "
+                                   "Overrides apply to both recipes.")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the easyvqa-tiny recipe")
     p.add_argument("--output-dir", default="runs/easyvqa-tiny", help="run folder (default: %(default)s)")
     p.add_argument("--image-id", type=int, default=0, help="test image to ask about (default: %(default)s)")
     p.add_argument("--questions", type=int, default=4, help="how many of its questions to ask (default: %(default)s)")
+    p.add_argument("--no-export", action="store_true",
+                   help=f"skip the second part: training {EXPORT_RECIPE} and exporting it to the transformers LLaVA layout")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="evaluate a saved model on benchmarks",
