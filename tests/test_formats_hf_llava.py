@@ -97,21 +97,14 @@ def test_export_refuses_what_hf_llava_cannot_express_and_writes_nothing(build_ti
     assert not dst.exists() and not list(tmp_path.iterdir())
 
 
-def test_cross_attention_fusion_is_refused_by_hf_llava(build_tiny, tmp_path):
+def test_cross_attention_fusion_is_refused_by_hf_llava(tokenizer, tmp_path):
     from conftest import tiny_model_config
-
-    kw = {"fusion": {"type": "cross_attention", "options": {"every": 1}}}
     from vlmkit.config import FusionConfig
+    from vlmkit.models.build import build_model
 
     cfg = tiny_model_config()
     cfg.fusion = FusionConfig(type="cross_attention", options={"every": 1})
-    from vlmkit.models.build import build_model
-
-    model, processor = build_model(cfg, tokenizer=processor_tokenizer(build_tiny))
+    model, processor = build_model(cfg, tokenizer=tokenizer)
     with pytest.raises(FormatError, match="fusion: cross_attention fusion"):
         export_model(model, processor, cfg, "hf-llava", tmp_path / "out")
-    assert kw and not (tmp_path / "out").exists()
-
-
-def processor_tokenizer(build_tiny):
-    return build_tiny()[1].tokenizer
+    assert not (tmp_path / "out").exists()
