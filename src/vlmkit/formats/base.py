@@ -95,6 +95,13 @@ class ModelFormat(abc.ABC):
 FORMATS: Registry[ModelFormat] = Registry("checkpoint format")
 
 
+def lora_problems(model: Any) -> list[Problem]:
+    """One problem per part that still carries LoRA adapters (formats hold merged weights only)."""
+    from vlmkit.training.lora import has_lora
+
+    return [Problem(name, "unmerged LoRA adapters (merge them first)") for name, part in model.parts().items() if has_lora(part)]
+
+
 # ---------------------------------------------------------------------------------------------
 # key tables
 

@@ -31,8 +31,17 @@ from vlmkit.formats.base import (
     assign_weights,
     build_empty,
     config_fields,
+    lora_problems,
 )
-from vlmkit.formats.hf_common import dtype_name, generation_config, load_hf_model, model_type, prompt_settings, write_prompt_settings
+from vlmkit.formats.hf_common import (
+    check_image_token,
+    dtype_name,
+    generation_config,
+    load_hf_model,
+    model_type,
+    prompt_settings,
+    write_prompt_settings,
+)
 
 TABLE = KeyTable(
     rows=(
@@ -66,15 +75,10 @@ class HFBlip2Format(ModelFormat):
         if tc.model_type not in LANGUAGE_FAMILIES:
             raise FormatError(f"{folder}/config.json: text_config.model_type {tc.model_type!r}; vlmkit reads BLIP-2 with OPT or Flan-T5")
         tokenizer = hf_processor.tokenizer
-        image_token = str(getattr(hf_processor, "image_token", "<image>"))
-        if image_token != "<image>" or config.image_token_id is None or tokenizer.convert_tokens_to_ids(image_token) != config.image_token_id:
-            raise FormatError(f"{folder}: vlmkit needs the '<image>' token with config.json's image_token_id "
-                              f"({config.image_token_id}); the processor's image token is {image_token!r}")
+        check_image_token(folder, hf_processor, config.image_token_id)
         transform = image_transform_from_hf(hf_processor.image_processor.to_dict())
         max_len = getattr(tc, "max_position_embeddings", None) or getattr(tc, "n_positions", None) or 512
-        prompt = prompt_settings(folder, getattr(hf_processor, "chat_template", None) or "", tokenizer, max_len) \
-            if (folder / "vlmkit_prompt.json").is_file() or getattr(hf_processor, "chat_template", None) \
-            else {"template": "blip2", "system_prompt": None, "max_length": max_len}
+        prompt = prompt_settings(folder, getattr(hf_processor, "chat_template", None), tokenizer, max_len, fallback="blip2")
         cfg = ModelConfig(
             vision=VisionConfig(encoder="blip2", config=config_fields(vc), feature_layer=-1, drop_cls=False, image_size=transform.size,
                                 image_mean=list(transform.mean), image_std=list(transform.std), image_aspect=transform.aspect),
@@ -96,7 +100,6 @@ class HFBlip2Format(ModelFormat):
 
     def unsupported(self, model: Any, processor: Any, config: ModelConfig) -> list[Problem]:
         from vlmkit.models.connectors.qformer import QFormerConnector
-        from vlmkit.training.lora import has_lora
 
         problems = []
         vision = model.vision
@@ -111,10 +114,7 @@ class HFBlip2Format(ModelFormat):
             problems.append(Problem("fusion", f"{config.fusion.type} fusion: BLIP-2 puts the queries into the sequence (prefix)"))
         if model.language.config.model_type not in LANGUAGE_FAMILIES:
             problems.append(Problem("language", f"a {model.language.config.model_type} LM; hf-blip2 holds OPT and Flan-T5"))
-        for name, part in model.parts().items():
-            if has_lora(part):
-                problems.append(Problem(name, "unmerged LoRA adapters (merge them first)"))
-        return problems
+        return problems + lora_problems(model)
 
     def write(self, model: Any, processor: Any, config: ModelConfig, folder: Path) -> None:
         from accelerate import init_empty_weights

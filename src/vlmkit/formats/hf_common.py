@@ -71,6 +71,19 @@ def _describe(entry: Any) -> str:
     return str(entry)
 
 
+def check_image_token(folder: Path, hf_processor: Any, image_token_id: int | None) -> None:
+    """The processor's image token is ``<image>`` (vlmkit's placeholder) with the config's id.
+
+    Raises:
+        FormatError: names the token, its id and the config's.
+    """
+    token = str(getattr(hf_processor, "image_token", "<image>"))
+    found = hf_processor.tokenizer.convert_tokens_to_ids(token)
+    if token != "<image>" or image_token_id is None or found != image_token_id:
+        raise FormatError(f"{folder}: the image token is {token!r} with id {found}, config.json says image_token_id="
+                          f"{image_token_id}; vlmkit needs '<image>' with the config's id")
+
+
 def dtype_name(model: Any) -> str:
     """vlmkit's name of a transformers model's floating dtype."""
     return DTYPE_NAMES.get(next(model.parameters()).dtype, "float32")
@@ -82,12 +95,14 @@ def write_prompt_settings(folder: Path, processor: Any) -> None:
     }, indent=2))
 
 
-def prompt_settings(folder: Path, chat_template: str | None, tokenizer: Any, default_max_length: int) -> dict[str, Any]:
+def prompt_settings(folder: Path, chat_template: str | None, tokenizer: Any, default_max_length: int,
+                    fallback: str | None = None) -> dict[str, Any]:
     """``template`` / ``system_prompt`` / ``max_length`` for a transformers folder: from
-    ``vlmkit_prompt.json`` when vlmkit wrote it, else the folder's own chat template (``tokenizer``).
+    ``vlmkit_prompt.json`` when vlmkit wrote it, else the folder's own chat template (``tokenizer``),
+    else the named template ``fallback`` (BLIP-2's processors build prompts without one).
 
     Raises:
-        FormatError: neither is there (nothing says how prompts are written).
+        FormatError: none of them is there (nothing says how prompts are written).
     """
     path = folder / PROMPT_FILE
     if path.is_file():
@@ -99,6 +114,8 @@ def prompt_settings(folder: Path, chat_template: str | None, tokenizer: Any, def
     if chat_template:
         tokenizer.chat_template = chat_template
         return {"template": "tokenizer", "system_prompt": None, "max_length": default_max_length}
+    if fallback:
+        return {"template": fallback, "system_prompt": None, "max_length": default_max_length}
     raise FormatError(f"{folder} has neither a chat template nor {PROMPT_FILE}; vlmkit cannot tell how its prompts are written")
 
 

@@ -34,8 +34,10 @@ from vlmkit.formats.base import (
     assign_weights,
     build_empty,
     config_fields,
+    lora_problems,
 )
 from vlmkit.formats.hf_common import (
+    check_image_token,
     dtype_name,
     exported_chat_template,
     generation_config,
@@ -94,12 +96,7 @@ class HFLlavaFormat(ModelFormat):
         encoder = family_for_vision_config(vc)
         strategy = config.vision_feature_select_strategy
         tokenizer = hf_processor.tokenizer
-        image_id = tokenizer.convert_tokens_to_ids(getattr(hf_processor, "image_token", "<image>"))
-        if getattr(hf_processor, "image_token", "<image>") != "<image>" or image_id != config.image_token_id:
-            raise FormatError(
-                f"{folder}: the image token is {getattr(hf_processor, 'image_token', None)!r} with id {image_id}, config.json "
-                f"says image_token_id={config.image_token_id}; vlmkit needs '<image>' with the config's id"
-            )
+        check_image_token(folder, hf_processor, config.image_token_id)
         transform = image_transform_from_hf(hf_processor.image_processor.to_dict())
         prompt = prompt_settings(folder, getattr(hf_processor, "chat_template", None), tokenizer,
                                  getattr(tc, "max_position_embeddings", 2048) or 2048)
@@ -129,7 +126,6 @@ class HFLlavaFormat(ModelFormat):
     # -- writing ---------------------------------------------------------------------------
     def unsupported(self, model: Any, processor: Any, config: ModelConfig) -> list[Problem]:
         from vlmkit.models.connectors.projectors import MLPConnector
-        from vlmkit.training.lora import has_lora
 
         problems = []
         vision = model.vision
@@ -155,10 +151,7 @@ class HFLlavaFormat(ModelFormat):
         if getattr(processor.template, "images_first", False):
             problems.append(Problem("processor", f"template {processor.template.name!r} puts images before the BOS token; "
                                                  "a LLaVA chat template cannot"))
-        for name, part in model.parts().items():
-            if has_lora(part):
-                problems.append(Problem(name, "unmerged LoRA adapters (merge them first)"))
-        return problems
+        return problems + lora_problems(model)
 
     def write(self, model: Any, processor: Any, config: ModelConfig, folder: Path) -> None:
         from accelerate import init_empty_weights
