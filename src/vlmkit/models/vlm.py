@@ -73,8 +73,15 @@ class VisionLanguageModel(nn.Module):
         return self.connector(self.vision(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_counts: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the images fused in (spliced at the placeholders, or set as the
-        cross-attention context).
+        """Token embeddings ``(B, T, H)`` with the images spliced in (prefix fusion); for
+        cross-attention fusion the token embeddings alone (its context is in :meth:`prepare`)."""
+        return self.prepare(input_ids, pixel_values, image_counts)[0]
+
+    def prepare(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_counts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Token embeddings with the images fused in, and the keyword arguments the language model's
+        forward needs besides them (the cross-attention context; empty for prefix fusion).
 
         Args:
             input_ids: ``(B, T)``.
@@ -83,7 +90,7 @@ class VisionLanguageModel(nn.Module):
                 rows' placeholders (only checked in total).
 
         Returns:
-            ``(B, T, H)``.
+            ``(B, T, H)`` embeddings and a dict of extra forward arguments.
 
         Raises:
             ImageTokenMismatchError: a row's placeholder count is not ``images x tokens per image`` (the
@@ -131,11 +138,11 @@ class VisionLanguageModel(nn.Module):
         for encoder-decoder, ``(B,)`` answer indices for encoder-only; ``-100`` = ignore) and, for
         encoder-only, ``match_labels`` ``(B,)`` (image-text matching).
         """
-        embeds = self.embed(input_ids, pixel_values, image_counts)
+        embeds, extra = self.prepare(input_ids, pixel_values, image_counts)
         if labels is None and match_labels is None:
-            return VLMOutput(logits=self.language.logits(embeds, attention_mask))
+            return VLMOutput(logits=self.language.logits(embeds, attention_mask, **extra))
         targets = {k: v for k, v in (("labels", labels), ("match_labels", match_labels)) if v is not None}
-        out = self.language.loss(embeds, attention_mask, targets)
+        out = self.language.loss(embeds, attention_mask, targets, **extra)
         return VLMOutput(loss=out.loss, num_label_tokens=out.count)
 
     @torch.no_grad()
@@ -153,8 +160,8 @@ class VisionLanguageModel(nn.Module):
         Raises:
             NotGenerativeError: the language model is encoder-only (see :meth:`classify`).
         """
-        embeds = self.embed(input_ids, pixel_values, image_counts)
-        return self.language.generate(embeds, attention_mask, **generate_kwargs)
+        embeds, extra = self.prepare(input_ids, pixel_values, image_counts)
+        return self.language.generate(embeds, attention_mask, **extra, **generate_kwargs)
 
     @torch.no_grad()
     def classify(

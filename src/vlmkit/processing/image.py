@@ -12,6 +12,7 @@ image would exceed :data:`RESAMPLE_PIXEL_BUDGET`, 16/32-bit greyscale input).
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,32 +79,54 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         raise ImageError(f"image file {path} does not exist")
     if not path.is_file():
         raise ImageError(f"image path {path} is not a file")
+    return _decode(path, f"image file {path}", max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, ... bytes, e.g. from a base64 data URL) as :func:`load_image` does.
+
+    Args:
+        name: how messages refer to the image (e.g. the request field it came from).
+        max_pixels: as in :func:`load_image`; checked from the header before the pixels are decoded.
+
+    Raises:
+        ImageError: the bytes are empty, not an image, truncated, too large or cannot be converted;
+            the message names ``name`` and the reason.
+    """
+    if not data:
+        raise ImageError(f"image {name} is empty (0 bytes)")
+    return _decode(io.BytesIO(data), f"image {name}", max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, label: str, max_pixels: int | None) -> Image.Image:
+    """Open ``source`` (a file path or a byte buffer) as RGB, refusing more than ``max_pixels`` pixels;
+    ``label`` starts every error message (``image file PATH``, ``image NAME``)."""
     limit = max_pixels or MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             # Pillow warns between its limit and twice it and raises above; both mean "too large" here
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > limit:
-                    raise _too_large(path, width, height, limit)
+                    raise _too_large(label, width, height, limit)
                 if width < 1 or height < 1:
-                    raise ImageError(f"image file {path} has no pixels ({width}x{height})")
+                    raise ImageError(f"{label} has no pixels ({width}x{height})")
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image file {path} is too large to decode safely ({exc})") from None
+        raise ImageError(f"{label} is too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"image file {path} could not be decoded: {exc or type(exc).__name__}") from None
+        raise ImageError(f"{label} could not be decoded: {exc or type(exc).__name__}") from None
     except Exception as exc:  # Pillow's decoders raise OSError, ValueError, KeyError, struct.error, MemoryError, ...
-        raise ImageError(f"image file {path} could not be decoded: {type(exc).__name__}: {exc}") from None
+        raise ImageError(f"{label} could not be decoded: {type(exc).__name__}: {exc}") from None
 
 
-def _too_large(path: Path, width: int, height: int, limit: int) -> ImageError:
+def _too_large(label: str, width: int, height: int, limit: int) -> ImageError:
     return ImageError(
-        f"image file {path} is {width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+        f"{label} is {width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
         "(vlmkit.processing.image.MAX_IMAGE_PIXELS); it may be a decompression bomb"
     )
 

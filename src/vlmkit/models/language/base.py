@@ -283,13 +283,17 @@ class CausalLanguageModel(LanguageModel):
     """
 
     def hidden_states(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+        **model_kwargs: Any,
     ) -> torch.Tensor:
-        """Final hidden states ``(B, T, H)`` (after the backbone's final norm), no LM head."""
+        """Final hidden states ``(B, T, H)`` (after the backbone's final norm), no LM head.
+
+        ``model_kwargs``: the fusion's extra forward arguments (the cross-attention context)."""
         base = self.hf_model.base_model
         if position_ids is None:
             position_ids = padded_positions(attention_mask)
-        out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   **model_kwargs)
         return out.last_hidden_state
 
     def logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
@@ -302,21 +306,24 @@ class CausalLanguageModel(LanguageModel):
         """Project hidden states ``(..., H)`` to logits ``(..., V)``; only valid when ``spec.plain_head``."""
         return self.hf_model.get_output_embeddings()(hidden)
 
-    def loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, batch: dict[str, torch.Tensor], **model_kwargs: Any
+    ) -> LossOutput:
         """Next-token cross-entropy over label positions.
 
         With a plain-head family the LM head runs only on the positions that predict a label, the
-        main saving over computing ``(B, T, V)`` logits.
+        main saving over computing ``(B, T, V)`` logits. ``model_kwargs``: the fusion's extra forward
+        arguments.
         """
         labels = batch["labels"]
         targets = labels[:, 1:]
         select = targets != IGNORE_INDEX
         n = int(select.sum())
         if self.spec.plain_head:
-            hidden = self.hidden_states(inputs_embeds, attention_mask)
+            hidden = self.hidden_states(inputs_embeds, attention_mask, **model_kwargs)
             logits = self.head(hidden[:, :-1][select])
         else:
-            logits = self.logits(inputs_embeds, attention_mask)[:, :-1][select]
+            logits = self.logits(inputs_embeds, attention_mask, **model_kwargs)[:, :-1][select]
         if n == 0:
             return LossOutput(logits.sum() * 0.0, 0)
         return LossOutput(F.cross_entropy(logits.float(), targets[select]), n)

@@ -111,7 +111,11 @@ class EncoderLanguageModel(LanguageModel):
         return LossOutput(total, count)
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        raise NotGenerativeError(
+        raise self.not_generative()
+
+    def not_generative(self) -> NotGenerativeError:
+        """The error for asking this backbone to write text (it says what to use instead)."""
+        return NotGenerativeError(
             f"the {self.spec.name!r} backbone is encoder-only and cannot generate text; it answers by classification "
             f"over its {len(self.answers)} training answers (VLMPipeline.classify, or `vlmkit eval`, which uses it) "
             "and scores image-text matches (VLMPipeline.match_scores)"
