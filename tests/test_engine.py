@@ -18,6 +18,7 @@ from vlmkit.inference.engine import (
 from vlmkit.inference.pipeline import VLMPipeline, generate_kwargs
 from vlmkit.models.build import build_model
 from vlmkit.models.language.base import NotGenerativeError
+from vlmkit.processing.processor import Encoded
 
 COLOURS = [(210, 30, 30), (30, 30, 210), (30, 200, 30), (230, 230, 30), (120, 40, 160), (20, 20, 20)]
 QUESTIONS = ["what color is it?", "describe the image in a few words please", "shape?",
@@ -163,7 +164,15 @@ def test_queue_limit_and_context_length(tiny):
     prompt = _prompts(processor, 1)[0]
     engine = Engine(model, processor)
     with pytest.raises(PromptTooLongError, match=r"max_tokens is 100000.*context of \d+ tokens"):
-        engine.add(prompt, SamplingParams(max_tokens=100_000))
+        engine.add(prompt, SamplingParams(max_tokens=100_000), strict=True)
+    # not strict: the answer ends at the context (finish_reason 'length')
+    small = Engine(model, processor)
+    small.context_length = prompt.input_ids.numel() + 10  # this prompt runs past 16 tokens (test_stop_strings_and_length)
+    capped = small.generate([prompt], SamplingParams(max_tokens=100_000))[0]
+    assert capped.finish_reason == "length" and capped.completion_tokens == 10
+    too_long = Encoded(torch.ones(engine.context_length, dtype=torch.long), None, torch.zeros(0, 3, 32, 32))
+    with pytest.raises(PromptTooLongError, match="no room left"):
+        engine.add(too_long)
     gate = threading.Event()
     runner = EngineThread(engine, max_queued=2)
     try:

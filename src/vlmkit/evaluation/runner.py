@@ -81,19 +81,28 @@ def _generate_streaming(pipeline, items, batch_size, settings, desc, on_batch, b
     requests: list = []
     answers: list[str] = []
     saved = 0
-    while len(answers) < len(items):
-        while len(requests) < len(items) and len(requests) - len(answers) < 2 * batch_size:
+    total = len(items)
+    failure: Exception | None = None  # a question that cannot be encoded: answer the ones before it, save, raise
+    while len(answers) < total:
+        while failure is None and len(requests) < total and len(requests) - len(answers) < 2 * batch_size:
             it = items[len(requests)]
-            encoded = _guard(desc, [it], lambda it=it: pipeline.processor.prompt(it.prompt, [as_image(i) for i in it.images]))
+            try:
+                encoded = _guard(desc, [it], lambda it=it: pipeline.processor.prompt(it.prompt, [as_image(i) for i in it.images]))
+            except Exception as exc:  # noqa: BLE001 - raised below, once the earlier answers are saved
+                failure, total = exc, len(requests)
+                break
             requests.append(engine.add(encoded, params))
-        engine.step()
+        if engine.has_work():
+            engine.step()
         while len(answers) < len(requests) and requests[len(answers)].finished:
             answers.append(requests[len(answers)].completion.text)
             bar.update(1)
-        while on_batch is not None and (len(answers) - saved >= batch_size or (len(answers) == len(items) and saved < len(answers))):
+        while on_batch is not None and (len(answers) - saved >= batch_size or (len(answers) == total and saved < len(answers))):
             end = min(saved + batch_size, len(answers))
             on_batch(items[saved:end], answers[saved:end])
             saved = end
+    if failure is not None:
+        raise failure
     return answers
 
 

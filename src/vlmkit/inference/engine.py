@@ -223,17 +223,26 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------
     def add(
         self, encoded: Encoded, params: SamplingParams | None = None,
-        sink: Callable[[Request, StreamDelta], None] | None = None,
+        sink: Callable[[Request, StreamDelta], None] | None = None, strict: bool = False,
     ) -> Request:
         """Queue one encoded prompt (``processor.prompt(...)``); ``sink(request, delta)`` receives
         its text deltas as they are decoded (called from the thread that runs :meth:`step`).
 
+        A generation that reaches :attr:`context_length` ends there (``length``); ``strict``
+        refuses up front a request whose ``max_tokens`` would not fit (the OpenAI API's rule).
+
         Raises:
-            PromptTooLongError: prompt tokens + ``max_tokens`` exceed :attr:`context_length`.
+            PromptTooLongError: the prompt leaves no room for a token, or (``strict``) prompt tokens +
+                ``max_tokens`` exceed :attr:`context_length`.
         """
         params = params or SamplingParams()
         n = int(encoded.input_ids.numel())
-        if n + params.max_tokens > self.context_length:
+        if n >= self.context_length:
+            raise PromptTooLongError(
+                f"the prompt has {n} tokens (image tokens included): no room left in the model's context of "
+                f"{self.context_length} tokens"
+            )
+        if strict and n + params.max_tokens > self.context_length:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens (image tokens included) and max_tokens is {params.max_tokens}: "
                 f"{n + params.max_tokens} > the model's context of {self.context_length} tokens"
@@ -660,8 +669,8 @@ class EngineThread:
         self._thread = threading.Thread(target=self._loop, name="vlmkit-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, encoded: Encoded, params: SamplingParams | None = None) -> Stream:
-        """Queue a request; returns its :class:`Stream`.
+    def submit(self, encoded: Encoded, params: SamplingParams | None = None, strict: bool = True) -> Stream:
+        """Queue a request; returns its :class:`Stream`. ``strict`` as in :meth:`Engine.add`.
 
         Raises:
             QueueFullError: ``max_queued`` requests are already waiting or running.
@@ -674,7 +683,7 @@ class EngineThread:
         with self._wake:
             if self.engine.num_waiting + self.engine.num_running >= self.max_queued:
                 raise QueueFullError(f"{self.max_queued} requests are already queued or running; retry later")
-            stream.request = self.engine.add(encoded, params, stream._deliver)
+            stream.request = self.engine.add(encoded, params, stream._deliver, strict)
             self._wake.notify()
         return stream
 
