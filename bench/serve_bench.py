@@ -119,7 +119,8 @@ class Server:
 
     def start(self, timeout_s: float = 300) -> None:
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(THREADS)} if THREADS else {})}
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -334,6 +335,12 @@ def print_table(rows: list[tuple[str, int, dict]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
+#: torch intra-op threads of both servers (OMP_NUM_THREADS; 0: their default). On 2 cores, 2 intra-op
+#: threads beside the server's own event-loop thread oversubscribe the CPU (measured: vlmkit 49 req/s at
+#: concurrency 16 with the default, 79 with 1 thread; transformers serve 12.7 and 12.9)
+THREADS = 1
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a vlmkit model folder (LLaVA-expressible: it is exported to hf-llava); "
@@ -349,6 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--continuous-batching", action="store_true",
                    help="start transformers serve with --continuous-batching (it still answers image-text one at a time)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one request may take (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="torch threads (OMP_NUM_THREADS) of both servers; 0 = their default (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the built and exported models and the server logs here")
     args = p.parse_args(argv)
@@ -366,6 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
