@@ -222,6 +222,16 @@ def test_cross_attention_context_is_per_request_and_its_keys_are_computed_once(t
     assert len({c.text for c in batched}) > 2
     # one projection per block per prefill group (two groups: 4 then 2 requests), none per decode step
     assert sorted(calls) == sorted([4, 4, 2, 2])
+    # a text-only request joins a batch of image requests (its context is empty and masked out)
+    text_only = processor.prompt("say something without a picture", [])
+    mixed = [prompts[0], text_only, prompts[1]]
+    alone = [Engine(model, processor).generate([p], params, use_cache=False)[0].text for p in mixed]
+    engine = Engine(model, processor, max_batch_size=3)
+    first = engine.add(prompts[0], params)
+    engine.step()
+    later = [engine.add(p, params) for p in mixed[1:]]
+    engine.run()
+    assert [r.completion.text for r in [first, *later]] == alone
 
 
 def test_encoder_decoder_runs_through_the_engine(tokenizer):

@@ -270,8 +270,8 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        """Requests in the batch or being admitted into it."""
-        return len(self._rows) + len(self._admitting)
+        """Unfinished requests in the batch or being admitted into it."""
+        return sum(not r.finished for r in (*self._rows, *self._admitting))
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._rows)

@@ -261,7 +261,11 @@ class GatedCrossAttentionFusion(Fusion):
         self._attach(language)
         embeds = language.embed(input_ids)
         if features is None:
-            return embeds, {}
+            # no image in the batch: an empty, masked-out context, so the blocks run exactly as for
+            # the rows without images of a mixed batch (no attention update; the gated FFN still runs)
+            b = input_ids.shape[0]
+            empty = MediaContext(embeds.new_zeros(b, 1, embeds.shape[-1]), torch.zeros(b, 1, dtype=torch.bool, device=embeds.device))
+            return embeds, {MEDIA_KWARG: empty}
         b, m, h = input_ids.shape[0], features.shape[1], features.shape[-1]
         most = int(image_counts.max()) if image_counts.numel() else 0
         media = features.new_zeros(b, max(most, 1) * m, h)
