@@ -56,9 +56,11 @@ def test_short_demo_schedule_learns(tmp_path, capsys):
     check_quality("short demo: yes/no color negated", scores["per_type"]["yes/no color negated"], above=0.9)
     assert f"easy-VQA test accuracy: {100 * scores['accuracy']:.2f}%" in printed
     assert printed.count("  Q: ") == 3 and "demo wall time" in printed
+    assert f"vlmkit serve --model {out / 'model'}" in printed
     # the second part: the exportable recipe, exported as hf-llava; transformers answers as vlmkit does
     exported = tmp_path / "demo-llava" / "model-hf-llava"
     assert f"exported as hf-llava: {exported}" in printed and f"transformers serve {exported}" in printed
+    assert f"vlmkit serve --model {exported}" in printed
     _check_transformers_answers_like_vlmkit(exported, tmp_path / "demo-llava" / "model")
     demo_predictions = [json.loads(x) for x in (out / "eval" / "easyvqa" / "predictions.jsonl").read_text().splitlines()]
     assert len(demo_predictions) == 800

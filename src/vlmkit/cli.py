@@ -174,6 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for q in questions[: args.questions]:
         answer = pipe.chat(q.image_path, q.text, max_new_tokens=4)
         print(f"  Q: {q.text:<45} A: {answer:<10} (reference: {q.answer})")
+    print(f"Chat with it in a browser or through the OpenAI client: vlmkit serve --model {summary.model_dir}")
     if not args.no_export:
         _demo_export(args)
     print(f"\ndemo wall time: {time.perf_counter() - started:.0f} s")
@@ -308,6 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 SERVE_HINTS = {
     "hf-llava": ("serve it with any engine that reads transformers LLaVA folders, e.g.\n"
+                 "  vlmkit serve --model {dst}   (OpenAI API + a chat page at http://127.0.0.1:8000/)\n"
                  "  transformers serve {dst}   (OpenAI API: POST /v1/chat/completions, needs transformers[serving])\n"
                  "  vllm serve {dst}\n"
                  "or load it in Python: AutoModelForImageTextToText.from_pretrained('{dst}'), AutoProcessor.from_pretrained('{dst}')"),
