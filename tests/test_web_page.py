@@ -97,14 +97,16 @@ def served(tmp_path_factory):
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"vlmkit serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            last_error: Exception | None = None
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
                     if r.status == 200:
                         break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:  # not listening yet
+                last_error = exc
             if time.monotonic() > deadline:
-                pytest.fail(f"vlmkit serve did not answer /health within 180 s:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"vlmkit serve did not answer /health within 180 s (last: {last_error}):\n"
+                            f"{log_path.read_text()[-3000:]}")
             time.sleep(0.25)
         yield url, folder, image, log_path
     finally:

@@ -376,19 +376,25 @@ class Engine:
         )
         return out.logits[:, -1].float()
 
-    def _prefill(self, new: list[Request], done: list[Request]) -> None:
-        length = max(r.prompt_tokens for r in new)
+    def _left_padded(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` ``(B, T)`` left-padded to the longest prompt, the
+        images ``(sum(counts), 3, S, S)`` in row order (``None`` without any) and ``counts`` ``(B,)``,
+        on the model's device."""
+        length = max(r.prompt_tokens for r in reqs)
         pad = self.processor.pad_token_id if self.processor.pad_token_id is not None else 0
-        ids = torch.full((len(new), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(new), length), dtype=torch.long)
-        for i, r in enumerate(new):
+        ids = torch.full((len(reqs), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), length), dtype=torch.long)
+        for i, r in enumerate(reqs):
             ids[i, length - r.prompt_tokens:] = r.input_ids
             mask[i, length - r.prompt_tokens:] = 1
-        pixels = [r.pixel_values for r in new if r.pixel_values is not None]
-        counts = torch.tensor([0 if r.pixel_values is None else r.pixel_values.shape[0] for r in new])
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        pixels = [r.pixel_values for r in reqs if r.pixel_values is not None]
+        counts = torch.tensor([0 if r.pixel_values is None else r.pixel_values.shape[0] for r in reqs])
         pixel_values = torch.cat(pixels).to(self.device, self.model.language.dtype) if pixels else None
-        embeds, extra = self.model.prepare(ids, pixel_values, counts.to(self.device))
+        return ids.to(self.device), mask.to(self.device), pixel_values, counts.to(self.device)
+
+    def _prefill(self, new: list[Request], done: list[Request]) -> None:
+        ids, mask, pixel_values, counts = self._left_padded(new)
+        embeds, extra = self.model.prepare(ids, pixel_values, counts)
         media = extra.get(MEDIA_KWARG)
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as padded_positions, every row
@@ -545,23 +551,12 @@ class Engine:
         for r in group:
             by_params.setdefault(r.params, []).append(r)
         for params, reqs in by_params.items():
-            length = max(r.prompt_tokens for r in reqs)
-            pad = self.processor.pad_token_id if self.processor.pad_token_id is not None else 0
-            ids = torch.full((len(reqs), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(reqs), length), dtype=torch.long)
-            for i, r in enumerate(reqs):
-                ids[i, length - r.prompt_tokens:] = r.input_ids
-                mask[i, length - r.prompt_tokens:] = 1
-            pixels = [r.pixel_values for r in reqs if r.pixel_values is not None]
-            counts = torch.tensor([0 if r.pixel_values is None else r.pixel_values.shape[0] for r in reqs])
+            ids, mask, pixel_values, counts = self._left_padded(reqs)
             kwargs = generate_kwargs(self.processor, params)
             with torch.random.fork_rng(devices=[]):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
-                out = self.model.generate(
-                    ids.to(self.device), mask.to(self.device),
-                    torch.cat(pixels).to(self.device) if pixels else None, counts.to(self.device), **kwargs,
-                )
+                out = self.model.generate(ids, mask, pixel_values, counts, **kwargs)
             for r, row in zip(reqs, out.tolist()):
                 for t in row:
                     if r.finished:
