@@ -56,7 +56,8 @@ def test_list_prints_every_registry_entry(what, capsys):
     out = capsys.readouterr().out
     expected = {"encoders": ["clip", "siglip", "resnet", "convnext"], "connectors": ["linear", "mlp2x_gelu"],
                 "backbones": ["llama", "qwen2", "phi"], "templates": ["plain", "vicuna_v1", "llama3", "chatml", "tokenizer"],
-                "recipes": ["easyvqa-tiny"], "formats": ["vlmkit", "hf-llava", "hf-blip2", "llava-original"]}[what]
+                "recipes": ["easyvqa-tiny"], "formats": ["vlmkit", "hf-llava", "hf-blip2", "llava-original"],
+                "strategies": ["none", "ddp", "fsdp", "deepspeed"], "deepspeed": ["zero2", "zero3", "zero3-offload"]}[what]
     first_column = {line.split()[0] for line in out.splitlines()[2:] if line.strip()}
     assert set(expected) <= first_column
     if what == "backbones":  # every family, with its kind, typical sizes and the models built on it

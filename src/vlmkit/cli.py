@@ -1,6 +1,6 @@
 """The ``vlmkit`` command line: one dispatch table, ``--help`` on every command.
 
-``vlmkit train | demo | sweep | eval | chat | serve | export | list`` (also ``python -m vlmkit ...``).
+``vlmkit train | demo | sweep | eval | chat | serve | export | checkpoint | plan | list`` (also ``python -m vlmkit ...``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,34 @@ def _rows_formats() -> list[tuple[str, ...]]:
     return [(n, "read + write" if f.writable else "read", f.looks_for, f.description) for n, f in FORMATS.items()]
 
 
+def _rows_strategies() -> list[tuple[str, ...]]:
+    from vlmkit.training import deepspeed  # noqa: F401  (registers the deepspeed strategy)
+    from vlmkit.training.strategies import STRATEGIES
+
+    rows = []
+    for name, cls in STRATEGIES.items():
+        try:
+            cls.check_available()
+            status = "available"
+        except Exception as exc:  # noqa: BLE001 - shown as the reason
+            status = f"unavailable: {exc}"
+        rows.append((name, cls.description, status))
+    return rows
+
+
+def _rows_deepspeed() -> list[tuple[str, ...]]:
+    import json
+
+    from vlmkit.recipes import deepspeed_config_path, list_deepspeed_configs
+
+    rows = []
+    for name in list_deepspeed_configs():
+        zero = json.loads(deepspeed_config_path(name).read_text()).get("zero_optimization", {})
+        offload = ", ".join(k.replace("offload_", "") for k in ("offload_optimizer", "offload_param") if k in zero) or "-"
+        rows.append((name, str(zero.get("stage", 0)), offload, str(deepspeed_config_path(name))))
+    return rows
+
+
 def _rows_recipes() -> list[tuple[str, ...]]:
     from vlmkit.recipes import list_recipes, recipe_description
 
@@ -70,6 +98,8 @@ LISTS: dict[str, tuple[tuple[str, ...], Callable[[], list[tuple[str, ...]]]]] = 
     "templates": (("id", "notes"), _rows_templates),
     "recipes": (("recipe", "description"), _rows_recipes),
     "formats": (("format", "vlmkit can", "detected by", "description"), _rows_formats),
+    "strategies": (("strategy", "description", "here"), _rows_strategies),
+    "deepspeed": (("config", "ZeRO stage", "offload", "file"), _rows_deepspeed),
 }
 
 
@@ -99,10 +129,17 @@ class _StderrHandler(logging.StreamHandler):
 def _setup_console_logging(verbose: bool) -> None:
     for old in [h for h in log.handlers if getattr(h, "vlmkit_console", False)]:
         log.removeHandler(old)  # main() may run more than once in a process
+    import os
+
     handler = _StderrHandler()
     handler.vlmkit_console = True
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun / accelerate launch for every process
+    if rank:  # the other processes of a distributed run speak only when something is wrong
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+        handler.setLevel(logging.WARNING)
+    else:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     for noisy in ("transformers", "accelerate", "peft", "huggingface_hub"):
@@ -116,10 +153,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmkit.config import load_recipe
     from vlmkit.training.run import run_training
 
+    from vlmkit import distributed
+    from vlmkit.training.trainer import TrainingStopped
+
     recipe = load_recipe(args.recipe, args.overrides + (["model.allow_pickle=true"] if args.allow_pickle else []))
     stages = args.stages.split(",") if args.stages else None
-    summary = run_training(recipe, only_stages=stages, evaluate=not args.no_eval)
-    _print_summary(summary)
+    try:
+        summary = run_training(recipe, only_stages=stages, evaluate=not args.no_eval)
+    except TrainingStopped as stop:
+        if distributed.is_main():
+            print(f"vlmkit train: {stop}", file=sys.stderr)
+        return 143  # 128 + SIGTERM: stopped on request, not finished (a job scheduler should run it again)
+    if distributed.is_main():
+        _print_summary(summary)
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from vlmkit.training.consolidate import consolidate
+
+    out = consolidate(Path(args.run), args.stage, args.step, args.output)
+    print(f"consolidated model: {out}  (vlmkit chat --model {out}; vlmkit export --format hf-llava {out} DST)")
     return 0
 
 
@@ -215,14 +269,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # eval / chat
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``vlmkit eval``; under ``torchrun --nproc-per-node N -m vlmkit eval ...`` the N processes share
+    the questions (see :mod:`vlmkit.evaluation.runner`) and the main process prints."""
     import os
 
+    from vlmkit import distributed
     from vlmkit.evaluation.judge import KEY_ENV_VARS, JudgeClient
     from vlmkit.evaluation.runner import EvalOptions, evaluate, headline, model_fingerprint, prepare
     from vlmkit.evaluation.tasks import TASKS
     from vlmkit.evaluation.tasks.base import resolve_data
     from vlmkit.inference.pipeline import VLMPipeline
 
+    if distributed.launched():
+        distributed.state()  # joins the process group before the first collective (in prepare)
     tasks = list(dict.fromkeys(TASKS.get(t).name for t in (args.tasks or ["easyvqa"])))
     judge = None
     if args.judge_url:
@@ -235,12 +294,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(args.batch_size, args.limit, args.max_new_tokens, judge=judge, model_id=model_fingerprint(args.model))
     out = Path(args.out)
     runs = prepare(resolve_data(args.data, tasks, args.split), out, options)  # every file is checked before the model loads
+    speaks = distributed.is_main()  # the other processes print nothing
     for run in runs:
-        if run.done:
+        if run.done and speaks:
+            ranks = len(run.log.rank_files())
             print(f"{run.spec.title}: resuming, {len(run.items) - len(run.todo)} of {len(run.items)} questions "
-                  f"already answered in {run.log.path}")
-    pipe = VLMPipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
+                  f"already answered in {run.log.path}" + (f" and {ranks} file(s) of an interrupted distributed run" if ranks else ""))
+    device = args.device or (str(distributed.device()) if distributed.world_size() > 1 else None)
+    pipe = VLMPipeline.from_pretrained(args.model, device=device, allow_pickle=args.allow_pickle)
     results = evaluate(pipe, runs, options, out)
+    if not speaks:
+        return 0
     for name, scores in results.items():
         if name == "easyvqa":
             print(f"easy-VQA {args.split or 'test'}: accuracy {100 * scores['accuracy']:.2f}% "
@@ -470,6 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="sweep folder; variants run in its subfolders (default: runs/<recipe name>-sweep)")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("checkpoint", help="work with a run's resumable checkpoints",
+                       description="consolidate: write a checkpoint (from any number of processes and any strategy, "
+                                   "FSDP shards included) as an ordinary model folder, loadable and exportable.")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = csub.add_parser("consolidate", help="a checkpoint as a model folder",
+                        description="Rebuild the run's model, load the checkpoint's trained tensors (LoRA merged) and save it "
+                                    "as a vlmkit model folder. Default: the newest checkpoint of the latest stage that has one.")
+    c.add_argument("run", help="run folder (train.output_dir)")
+    c.add_argument("--stage", default=None, help="stage whose checkpoint to take (default: the latest with checkpoints)")
+    c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    c.add_argument("--output", default=None, help="new model folder (default: RUN/model-STAGE-step-N)")
+    c.set_defaults(func=cmd_checkpoint)
+
     p = sub.add_parser("list", help="print what a registry holds", description="Print a registry.")
     p.add_argument("what", choices=sorted(LISTS), help="which registry")
     p.set_defaults(func=cmd_list)
@@ -487,10 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     from vlmkit.config import ConfigError
     from vlmkit.data.sources import DataError
     from vlmkit.registry import RegistryError
+    from vlmkit.training.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RegistryError, OSError, ValueError) as exc:  # OSError: names the path
+    except (ConfigError, DataError, RegistryError, CheckpointError, OSError, ValueError) as exc:  # OSError: names the path
         print(f"vlmkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -235,9 +235,11 @@ class StageConfig:
     max_steps: int | None = None
     """Optimizer steps in this stage; overrides ``epochs``."""
     batch_size: int = 8
-    """Samples per micro-batch per process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """The global batch: samples per optimizer step, over all processes and accumulated micro-batches.
+    The same recipe takes the same steps on 1 or 64 devices."""
+    micro_batch_size: int | None = None
+    """Samples per forward pass on one device; ``None``: ``batch_size`` / processes (no accumulation).
+    Accumulation = ``batch_size`` / (``micro_batch_size`` x processes), which must be a whole number."""
     lr: float = 1e-3
     """Peak learning rate."""
     lr_scale: dict[str, float] = field(default_factory=dict)
@@ -253,6 +255,36 @@ class StageConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings for parts whose policy is ``lora``."""
 
+    #: keys of earlier versions, with what replaced them
+    removed_keys: typing.ClassVar[dict[str, str]] = {
+        "grad_accum": "accumulation is derived now: batch_size is the global batch per optimizer step and "
+                      "micro_batch_size the per-device forward; accumulation = batch_size / (micro_batch_size x "
+                      "processes). For the old batch_size B with grad_accum A on 1 process, write "
+                      "batch_size: B*A and micro_batch_size: B",
+    }
+
+    def micro_and_accumulation(self, processes: int) -> tuple[int, int]:
+        """``(micro_batch_size, accumulation)`` on ``processes`` devices.
+
+        Raises:
+            ConfigError: the global batch does not split into whole micro-batches on every process.
+        """
+        where = f"stages.{self.name}"
+        micro = self.micro_batch_size
+        if micro is None:
+            if self.batch_size % processes:
+                raise ConfigError(
+                    f"{where}.batch_size={self.batch_size} (the global batch) does not divide over {processes} processes; "
+                    f"use a multiple of {processes} or set {where}.micro_batch_size"
+                )
+            return self.batch_size // processes, 1
+        if self.batch_size % (micro * processes):
+            raise ConfigError(
+                f"{where}.batch_size={self.batch_size} (the global batch) is not a multiple of micro_batch_size={micro} x "
+                f"{processes} process(es) = {micro * processes}; choose a batch_size that is, or another micro_batch_size"
+            )
+        return micro, self.batch_size // (micro * processes)
+
     def __post_init__(self) -> None:
         where = f"stages.{self.name}"
         unknown = set(self.policy) - set(PARTS)
@@ -266,7 +298,10 @@ class StageConfig:
         _check_positive(f"{where}.epochs", self.epochs)
         _check_positive(f"{where}.max_steps", self.max_steps)
         _check_positive(f"{where}.batch_size", self.batch_size)
-        _check_positive(f"{where}.grad_accum", self.grad_accum)
+        _check_positive(f"{where}.micro_batch_size", self.micro_batch_size)
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ConfigError(f"{where}.micro_batch_size={self.micro_batch_size} is larger than the global "
+                              f"{where}.batch_size={self.batch_size}")
         _check_positive(f"{where}.lr", self.lr)
         for part, scale in self.lr_scale.items():
             if part not in PARTS:
@@ -276,6 +311,26 @@ class StageConfig:
             raise ConfigError(f"{where}.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{where}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass
+class FsdpConfig:
+    sharding: str = "full"
+    """``full``: parameters, gradients and optimizer states sharded over all processes (ZeRO-3 style);
+    ``hybrid``: sharded within a node and replicated across nodes (HSDP: less inter-node traffic)."""
+    wrap: list[str] | None = None
+    """Module class names sharded as one unit each; ``None``: the layer classes of the language backbone
+    and the vision tower (their ``_no_split_modules``), then each part, then the whole model."""
+    reshard_after_forward: bool = True
+    """Free the gathered parameters after each unit's forward (less memory, one more all-gather in backward)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer states in CPU memory (GPU runs that do not fit otherwise)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.fsdp.sharding", self.sharding, ("full", "hybrid"))
 
 
 @dataclass
@@ -301,8 +356,20 @@ class TrainConfig:
     export: list[str] = field(default_factory=list)
     """Checkpoint formats the final model is also written in, each to ``OUTPUT_DIR/model-FORMAT``
     (``hf-llava``, ``hf-blip2``, ``llava-original``); checked against the model before the first step."""
+    strategy: str = "auto"
+    """How processes share the work under ``torchrun`` / ``accelerate launch``: ``ddp`` (PyTorch
+    DistributedDataParallel: every process holds the model), ``fsdp`` (PyTorch FSDP2: parameters,
+    gradients and optimizer states sharded), ``deepspeed`` (ZeRO, see ``deepspeed``), ``none`` (one
+    process), ``auto`` (ddp when launched on several processes, else none)."""
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    """FSDP options (``strategy: fsdp``)."""
+    deepspeed: str = "zero2"
+    """DeepSpeed config (``strategy: deepspeed``): a shipped one (``zero2``, ``zero3``, ``zero3-offload``;
+    ``vlmkit list deepspeed``) or a JSON file. Its batch, accumulation, clipping and precision fields are
+    filled from the recipe; values that contradict the recipe are refused."""
 
     def __post_init__(self) -> None:
+        _check_choice("train.strategy", self.strategy, STRATEGIES)
         _check_choice("train.precision", self.precision, ("fp32", "bf16"))
         from vlmkit.formats import FORMATS
 
@@ -437,9 +504,12 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{label} must be a mapping of {cls.__name__} fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
+    removed = getattr(cls, "removed_keys", {})
     kwargs = {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
+        if key in removed:
+            raise ConfigError(f"{dotted} is no longer a setting: {removed[key]}")
         if key not in valid:
             raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(valid)}")
         kwargs[key] = _coerce(value, hints[key], dotted)

@@ -39,6 +39,21 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def fsync_tree(folder: str | Path, files: list[Path] | None = None) -> None:
+    """Flush ``files`` (default: every file under ``folder``) and the folder entry itself to disk, so a
+    rename that follows publishes complete files even after a power loss."""
+    folder = Path(folder)
+    for path in folder.rglob("*") if files is None else files:
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file and rename."""
     path = Path(path)

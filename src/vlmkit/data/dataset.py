@@ -74,7 +74,7 @@ class ConversationDataset(Dataset):
         return pixels
 
     def __getitem__(self, key: int | tuple[int, int]):
-        """The encoded sample ``key`` (an index), or ``(index, draw)`` from :class:`ResumableBatchSampler`:
+        """The encoded sample ``key`` (an index), or ``(index, draw)`` from :class:`GlobalBatchSampler`:
         ``draw`` seeds the sample's augmentations, so they depend on (seed, epoch, index) only, not on
         the order samples are drawn in, the worker that draws them, or where a run resumed."""
         index, draw = key if isinstance(key, tuple) else (key, None)
@@ -91,24 +91,35 @@ class ConversationDataset(Dataset):
             raise DataError(f"{sample.origin}: {exc} (set data.skip_bad_rows=true to skip such rows)") from None
 
 
-class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Shuffled batches whose order depends only on ``(seed, epoch)``, starting at ``start_batch``.
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """One process's micro-batches of an epoch of global batches; the order depends only on
+    ``(seed, epoch)``, never on the number of processes.
 
-    The permutation for an epoch is drawn from its own generator, so a resumed run sees exactly the
-    batches an uninterrupted run would have seen from that point. Batches hold ``(index, draw)``
-    pairs; ``draw`` (:attr:`draw_seed`, one per epoch) seeds each sample's augmentations.
+    Global batch ``k`` is ``order[k * global_batch : (k + 1) * global_batch]`` of the epoch's
+    permutation (the last one may be short). It is cut into ``processes x accumulation`` parts as even
+    as :func:`torch.tensor_split` makes them; micro-step ``j`` of process ``r`` is part
+    ``j * processes + r``. So for full batches every part holds ``micro_batch`` samples, and a short
+    last batch is shared out instead of dropped; a part may then be empty (the trainer runs a
+    target-free filler there, so every process takes the same number of forward passes).
+
+    Items are ``(index, draw)`` pairs; ``draw`` (:attr:`draw_seed`, one per epoch) seeds each
+    sample's augmentations. Resume mid-epoch with accelerate's ``skip_first_batches`` (``accumulation``
+    micro-batches per step done).
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0, drop_last: bool = False):
-        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
-        self.start_batch, self.drop_last = start_batch, drop_last
+    def __init__(self, size: int, global_batch: int, accumulation: int, seed: int, epoch: int = 0,
+                 processes: int = 1, rank: int = 0):
+        if size < 1 or global_batch < 1 or accumulation < 1:
+            raise ValueError(f"size, global batch and accumulation must be >= 1 (got {size}, {global_batch}, {accumulation})")
+        self.size, self.global_batch, self.accumulation = size, global_batch, accumulation
+        self.seed, self.epoch, self.processes, self.rank = seed, epoch, processes, rank
 
-    def batches_per_epoch(self) -> int:
-        full, rest = divmod(self.size, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+    def steps_per_epoch(self) -> int:
+        """Global batches (optimizer steps) in one pass over the data; the last may be short."""
+        return -(-self.size // self.global_batch)
 
     def __len__(self) -> int:
-        return max(0, self.batches_per_epoch() - self.start_batch)
+        return self.steps_per_epoch() * self.accumulation
 
     @property
     def draw_seed(self) -> int:
@@ -116,9 +127,12 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         gen = torch.Generator().manual_seed(self.draw_seed)
-        order = torch.randperm(self.size, generator=gen).tolist()
-        for b in range(self.start_batch, self.batches_per_epoch()):
-            yield [(i, self.draw_seed) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+        order = torch.randperm(self.size, generator=gen)
+        parts_per_batch = self.processes * self.accumulation
+        for k in range(self.steps_per_epoch()):
+            parts = torch.tensor_split(order[k * self.global_batch : (k + 1) * self.global_batch], parts_per_batch)
+            for j in range(self.accumulation):
+                yield [(i, self.draw_seed) for i in parts[j * self.processes + self.rank].tolist()]
 
 
 class Collator:

@@ -7,6 +7,11 @@ produced it, so a file from another task, another model or another generation le
 instead of being mixed into the scores; a line cut short by an interruption is dropped (that question
 is answered again); an id that appears twice is kept once when both rows agree and refused when they
 differ.
+
+A distributed evaluation (``torchrun ... vlmkit eval``) has each process append to its own
+``predictions.rank<r>.jsonl`` beside the file (no two processes write one file); the main process
+merges them into ``predictions.jsonl`` when the task is answered and removes them. Rank files left by
+an interrupted run (of any world size) are read back like the main file, so any rerun resumes.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vlmkit.evaluation.runner import EvalItem
@@ -93,6 +99,61 @@ class PredictionLog:
         if duplicates:
             log.warning("%s: %d repeated row(s) with identical predictions counted once", self.path, duplicates)
         return done
+
+    def for_rank(self, rank: int) -> PredictionLog:
+        """The log process ``rank`` of a distributed run appends to: ``<stem>.rank<rank>.jsonl`` beside this file."""
+        return PredictionLog(self.path.with_name(f"{self.path.stem}.rank{rank}.jsonl"), self.task, self.model, self.max_new_tokens)
+
+    def rank_files(self) -> list[Path]:
+        """Rank files beside this file (left by a distributed run, any world size), in rank order."""
+        if not self.path.parent.is_dir():
+            return []
+        name = re.compile(re.escape(self.path.stem) + r"\.rank(0|[1-9][0-9]*)\.jsonl")
+        found = [(int(m.group(1)), p) for p in self.path.parent.iterdir() if (m := name.fullmatch(p.name)) and p.is_file()]
+        return [p for _, p in sorted(found)]
+
+    def load_all(self) -> dict[str, str]:
+        """:meth:`load` of this file and of every rank file beside it: ``{question id: prediction}``
+        (cut-off last lines are removed from the files, so call it on the main process first).
+
+        Raises:
+            EvalDataError: as :meth:`load` for any of the files, or a question id whose predictions
+                differ between two files (both named).
+        """
+        done = self.load()
+        source = dict.fromkeys(done, self.path)
+        for path in self.rank_files():
+            for qid, prediction in PredictionLog(path, self.task, self.model, self.max_new_tokens).load().items():
+                if qid in done and done[qid] != prediction:
+                    raise EvalDataError(
+                        f"question id {qid!r} has different predictions in {source[qid]} and {path} (files of an "
+                        f"interrupted distributed run); delete one of the rows"
+                    )
+                done[qid] = prediction
+                source.setdefault(qid, path)
+        return done
+
+    def merge(self, items: Sequence[EvalItem], done: Mapping[str, str]) -> int:
+        """Append the rows of the questions of ``items`` (in that order) that ``done`` answers and this
+        file lacks, then remove the rank files beside it. Only the main process may call it; the rank
+        files' answers must be in ``done`` (:meth:`load_all`, or gathered from the processes).
+
+        Returns the number of rows appended. A crash between the append and the removal leaves
+        repeated identical rows, which :meth:`load_all` counts once.
+        """
+        on_disk = self.load()
+        missing = [it for it in items if it.id in done and it.id not in on_disk]
+        if missing:
+            self.append(missing, [done[it.id] for it in missing])
+        for path in self.rank_files():
+            path.unlink(missing_ok=True)
+        return len(missing)
+
+    def remove(self) -> None:
+        """Delete this file and its rank files (predictions of another model). Main process only."""
+        self.path.unlink(missing_ok=True)
+        for path in self.rank_files():
+            path.unlink(missing_ok=True)
 
     def _check_producer(self, row: dict, n: int) -> None:
         if self.model is not None and row.get("model") not in (None, self.model):

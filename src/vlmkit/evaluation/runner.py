@@ -6,6 +6,13 @@ files (no model needed), :func:`evaluate` answers what is not answered yet and s
     <out>/<task>/predictions.jsonl   one row per answered question (resumable; see predictions.py)
     <out>/<task>/scores.json         the task's scores
     <out>/results.md                 a Markdown table of the headline scores of every task of the call
+
+Under a launcher (``torchrun --nproc-per-node N -m vlmkit eval ...``) every process answers every
+N-th unanswered question of a task, saving its answers per batch to its own
+``<task>/predictions.rank<r>.jsonl``; once all have finished, the main process merges them into
+``predictions.jsonl`` (question order), removes them, scores and writes the files, and every process
+returns the same scores. Whatever fails on one process is raised on all of them. Without a launcher
+nothing changes: one process, one predictions file.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from vlmkit import distributed
 from vlmkit.inference.pipeline import GenerationSettings, VLMPipeline
 
 if TYPE_CHECKING:
@@ -181,12 +189,23 @@ def limit_items(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
 def prepare(tasks: dict[str, TaskData], out: str | Path, options: EvalOptions) -> list[TaskRun]:
     """Read every task's files and existing predictions, before any model is loaded.
 
-    Raises:
+    Predictions are those of ``<task>/predictions.jsonl`` and of the rank files an interrupted
+    distributed run left beside it. Under a launcher call it on every process: the main process reads
+    first (it drops cut-off last lines and decodes image caches, which the others then read).
+
+    Raises (on every process, when launched):
         RegistryError: an unknown task name (the message lists the valid ones).
         EvalDataError: a missing or malformed file (named with row / id and field), a predictions
             file of another task, model or generation length, a judged task without a judge, or
             duplicate question ids.
     """
+    _join_process_group()
+    first = _together(lambda: _prepare(tasks, out, options) if distributed.is_main() else None)
+    rest = _together(lambda: None if distributed.is_main() else _prepare(tasks, out, options))
+    return first if distributed.is_main() else rest
+
+
+def _prepare(tasks: dict[str, TaskData], out: str | Path, options: EvalOptions) -> list[TaskRun]:
     from vlmkit.evaluation.predictions import PredictionLog
     from vlmkit.evaluation.tasks import TASKS, EvalDataError
 
@@ -209,7 +228,7 @@ def prepare(tasks: dict[str, TaskData], out: str | Path, options: EvalOptions) -
             seen.add(it.id)
         max_new_tokens = options.max_new_tokens or spec.max_new_tokens
         log = PredictionLog(work / "predictions.jsonl", spec.name, options.model_id, max_new_tokens)
-        runs.append(TaskRun(spec, items, work, log, log.load(), max_new_tokens))
+        runs.append(TaskRun(spec, items, work, log, log.load_all(), max_new_tokens))
     return runs
 
 
@@ -217,28 +236,109 @@ def evaluate(pipeline: VLMPipeline, runs: Sequence[TaskRun], options: EvalOption
     """Answer each task's unanswered questions (saved per batch), score it, write scores and ``results.md``.
 
     Returns ``{task: scores}``. Predictions already on disk are reused, never asked again or counted twice.
+    Under a launcher call it on every process (each with its own model): they share the questions,
+    the main process merges, scores and writes, and all return the same scores.
+
+    Raises:
+        EvalDataError: a bad image (answers before it are saved); under a launcher on every process,
+            with the message of the process that met it. Scoring errors (an unreachable judge) likewise.
     """
+    _join_process_group()
+    results: dict[str, dict] = {}
+    for run in runs:
+        results[run.spec.name] = _evaluate_task(pipeline, run, options)
+    distributed.agree(lambda: write_results_md(Path(out) / "results.md", results))
+    return results
+
+
+def _evaluate_task(pipeline: VLMPipeline, run: TaskRun, options: EvalOptions) -> dict:
+    """Answer one task's open questions (this process's share of them) and return its scores."""
+    world, rank = distributed.world_size(), distributed.rank()
+    # the main process's view of what is answered decides for all, after merging what an interrupted
+    # distributed run left, so that the rank files written below start empty
+    open_ids = set(distributed.agree(lambda: _start_task(run)))
+    todo = [it for it in run.items if it.id in open_ids]
+    # interleaved shares: neighbouring questions (often of similar length, or the rotations of one
+    # MMBench question) go to different processes, so all finish at about the same time
+    share = todo[rank::world]
+    log = run.log if world == 1 else run.log.for_rank(rank)
+    answered: dict[str, str] = {}
+
+    def save(chunk: list[EvalItem], answers: list[str]) -> None:
+        log.append(chunk, answers)
+        answered.update((it.id, a) for it, a in zip(chunk, answers))
+        run.done.update((it.id, a) for it, a in zip(chunk, answers))
+
+    if todo:
+        settings = GenerationSettings(max_new_tokens=run.max_new_tokens)
+        progress = options.progress and distributed.is_main()  # one bar (the main process's share), not N interleaved
+        _together(lambda: predict(pipeline, share, options.batch_size, settings, progress, run.spec.title, on_batch=save) if share else None)
+        if world > 1:
+            for part in distributed.gather_objects(answered):
+                run.done.update(part)
+    return distributed.agree(lambda: _finish_task(run, options))
+
+
+def _start_task(run: TaskRun) -> list[str]:
+    """(Main process.) Merge rank files left by an interrupted run; the ids of the unanswered questions."""
+    if run.log.rank_files():
+        run.log.merge(run.items, run.done)
+    return [it.id for it in run.todo]
+
+
+def _finish_task(run: TaskRun, options: EvalOptions) -> dict:
+    """(Main process.) Merge this run's rank files into ``predictions.jsonl``, score, write ``scores.json``."""
     from vlmkit.evaluation.tasks import ScoreContext
     from vlmkit.fileio import write_json_atomic
 
-    results: dict[str, dict] = {}
-    for run in runs:
-        todo = run.todo
-        if todo:
-            settings = GenerationSettings(max_new_tokens=run.max_new_tokens)
+    # the rows come from ``run.done`` (gathered from every process), not from rank files this process may not see
+    if distributed.world_size() > 1 or run.log.rank_files():
+        run.log.merge(run.items, run.done)
+    predictions = [run.done[it.id] for it in run.items]
+    run.work_dir.mkdir(parents=True, exist_ok=True)
+    scores = run.spec.score(run.items, predictions, ScoreContext(run.work_dir, options.judge, options.progress))
+    write_json_atomic(run.work_dir / "scores.json", scores)
+    return scores
 
-            def save(chunk: list[EvalItem], answers: list[str], run: TaskRun = run) -> None:
-                run.log.append(chunk, answers)
-                run.done.update((it.id, a) for it, a in zip(chunk, answers))
 
-            predict(pipeline, todo, options.batch_size, settings, options.progress, run.spec.title, on_batch=save)
-        predictions = [run.done[it.id] for it in run.items]
-        run.work_dir.mkdir(parents=True, exist_ok=True)
-        scores = run.spec.score(run.items, predictions, ScoreContext(run.work_dir, options.judge, options.progress))
-        write_json_atomic(run.work_dir / "scores.json", scores)
-        results[run.spec.name] = scores
-    write_results_md(Path(out) / "results.md", results)
-    return results
+def discard_predictions(run: TaskRun) -> None:
+    """Forget a task's saved answers (made by another model): the main process deletes its
+    ``predictions.jsonl`` and rank files, every process empties ``run.done``. Call it on every process."""
+    distributed.agree(run.log.remove)
+    run.done.clear()
+
+
+def _join_process_group() -> None:
+    # launched but not yet in the process group, every process would take itself for the main one
+    # and write the same files
+    if distributed.launched() and not distributed.initialized():
+        distributed.state()
+
+
+def _together(call: Callable[[], Any]) -> Any:
+    """``call()`` on every process; if it raised on any, raise on all (the failing process its own
+    exception, the others one of the same type and message as the first failing rank's), so that none
+    waits in a later collective for a process that stopped. Without a launcher: just ``call()``."""
+    try:
+        result, error = call(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
+        result, error = None, exc
+    if distributed.world_size() == 1:
+        if error is not None:
+            raise error
+        return result
+    outcomes = distributed.gather_objects(None if error is None else (type(error), str(error)))
+    failed = next(((r, o) for r, o in enumerate(outcomes) if o is not None), None)
+    if error is not None:
+        raise error
+    if failed is not None:
+        source, (cls, message) = failed
+        try:
+            raised = cls(message)
+        except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+            raised = RuntimeError(f"process {source}: {cls.__name__}: {message}")
+        raise raised
+    return result
 
 
 def run_tasks(pipeline: VLMPipeline, tasks: dict[str, TaskData], out: str | Path, options: EvalOptions | None = None) -> dict[str, dict]:

@@ -14,15 +14,19 @@ from vlmkit.models.language.base import IGNORE_INDEX, LanguageModel  # noqa: F40
 from vlmkit.models.vision.base import VisionEncoder
 
 
+#: batch keys that hold training targets (``-100`` = no target)
+TARGET_KEYS = ("labels", "match_labels")
+
+
 class ImageTokenMismatchError(ValueError):
     """The image placeholders in a row do not match the images given for it."""
 
 
 @dataclass
 class VLMOutput:
-    """``loss`` (scalar, mean over targets) when targets were given; ``logits`` otherwise (shape per
-    language kind: ``(B, T, V)`` decoder-only, ``(B, T_dec, V)`` encoder-decoder, ``(B, answers)``
-    encoder-only).
+    """``loss`` (scalar, mean over targets) and ``loss_sum`` (their sum) when targets were given;
+    ``logits`` otherwise (shape per language kind: ``(B, T, V)`` decoder-only, ``(B, T_dec, V)``
+    encoder-decoder, ``(B, answers)`` encoder-only).
 
     ``num_label_tokens`` counts the targets (tokens, or rows for classification) the loss averages over.
     """
@@ -30,6 +34,7 @@ class VLMOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     num_label_tokens: int = 0
+    loss_sum: torch.Tensor | None = None
 
 
 class VisionLanguageModel(nn.Module):
@@ -143,7 +148,12 @@ class VisionLanguageModel(nn.Module):
             return VLMOutput(logits=self.language.logits(embeds, attention_mask, **extra))
         targets = {k: v for k, v in (("labels", labels), ("match_labels", match_labels)) if v is not None}
         out = self.language.loss(embeds, attention_mask, targets, **extra)
-        return VLMOutput(loss=out.loss, num_label_tokens=out.count)
+        return VLMOutput(loss=out.loss, num_label_tokens=out.count, loss_sum=out.total)
+
+    def count_targets(self, batch: dict[str, Any]) -> int:
+        """How many targets the loss of ``batch`` sums over (no forward pass)."""
+        targets = {k: batch[k] for k in TARGET_KEYS if batch.get(k) is not None}
+        return self.language.count_targets(targets) if targets else 0
 
     @torch.no_grad()
     def generate(

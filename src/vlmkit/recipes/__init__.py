@@ -34,3 +34,29 @@ def recipe_description(name: str) -> str:
     import yaml
 
     return str(yaml.safe_load(recipe_path(name).read_text()).get("description", ""))
+
+
+DEEPSPEED_DIR = RECIPES_DIR / "deepspeed"
+
+
+def list_deepspeed_configs() -> list[str]:
+    """Names of the shipped DeepSpeed configs (``train.deepspeed``)."""
+    return sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
+
+
+def deepspeed_config_path(name_or_path: str) -> Path:
+    """The JSON file of a shipped DeepSpeed config name (``zero2``, ``zero3`` ...) or a file path.
+
+    Raises:
+        ConfigError: neither (lists the shipped ones).
+    """
+    from vlmkit.config import ConfigError
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = DEEPSPEED_DIR / f"{name_or_path}.json"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"train.deepspeed={name_or_path!r} is neither a shipped DeepSpeed config nor a file; "
+                      f"shipped: {', '.join(list_deepspeed_configs())}")

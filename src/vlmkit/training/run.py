@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
+from vlmkit import distributed as dist
 from vlmkit.config import ConfigError, ModelConfig, RecipeConfig, save_yaml, to_dict
 from vlmkit.data import ConversationDataset, iter_texts, load_source
 from vlmkit.data.answers import answer_vocabulary
@@ -32,8 +34,9 @@ from vlmkit.models.build import backbone_spec, build_model
 from vlmkit.formats import export_model, save_model
 from vlmkit.processing.templates import TEMPLATES
 from vlmkit.processing.tokenizer import load_tokenizer
+from vlmkit.training.lora import merge_lora
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
-from vlmkit.training.trainer import make_accelerator, train_stage
+from vlmkit.training.trainer import batch_plan, train_stage
 
 log = logging.getLogger("vlmkit")
 
@@ -59,6 +62,12 @@ def _attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+def merge_lora_parts(model: Any) -> None:
+    """Merge LoRA adapters into their parts (what :func:`save_stage_output` does on the main process)."""
+    for part in model.parts().values():
+        merge_lora(part)
+
+
 def _check_same_config(out: Path, recipe: RecipeConfig) -> None:
     path = out / "config.yaml"
     if not path.is_file():
@@ -67,12 +76,27 @@ def _check_same_config(out: Path, recipe: RecipeConfig) -> None:
     new = to_dict(recipe)
     if old == new:
         return
-    diffs = _diff(old, new)
+    diffs = [d for d in _diff(old, new) if not _is_run_setting(d)]
+    if not diffs:
+        return
     if any(is_complete(out / "stages" / s.name) for s in recipe.stages) or list((out / "stages").glob("*/checkpoints/step-*")):
         raise ConfigError(
             f"{out} holds a run of a different config (differs at: {', '.join(diffs[:8])}); resuming it would mix "
             "the two. Use another train.output_dir, or delete the folder to start over."
         )
+
+
+#: settings that change how a run is executed, not what it computes: a run may resume with others
+#: (another strategy or process count, another micro-batch split, other checkpoint spacing)
+RUN_SETTINGS = ("train.strategy", "train.fsdp", "train.deepspeed", "train.threads", "train.progress", "train.log_every",
+                "train.save_every", "train.keep_checkpoints")
+
+
+def _is_run_setting(dotted: str) -> bool:
+    parts = dotted.split(".")
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("micro_batch_size",):
+        return True
+    return any(dotted == key or dotted.startswith(key + ".") for key in RUN_SETTINGS)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -109,18 +133,78 @@ def run_training(
         if name not in names:
             raise ConfigError(f"unknown stage {name!r}; stages of this recipe: {', '.join(names)}")
     started = time.perf_counter()
+    dist.state()  # joins the process group when a launcher (torchrun, accelerate launch) started this process
     out = Path(recipe.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_same_config(out, recipe)
-    save_yaml(recipe, out / "config.yaml")
-    handler = _attach_log_file(out / "train.log")
+    dist.agree(lambda: _open_run_folder(out, recipe))
+    handler = _attach_log_file(out / "train.log") if dist.is_main() else None
     try:
         # the evaluation's files are read and checked before the first step, not after the last
         eval_run = _prepare_eval(recipe, out) if evaluate and recipe.eval is not None else None
         return _run(recipe, out, only_stages, stop_after, eval_run, started)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _open_run_folder(out: Path, recipe: RecipeConfig) -> None:
+    """Create (or reopen) the run folder, check it is writable and holds no other config, write
+    ``config.yaml``; and check every stage's global batch divides over this launch's processes.
+
+    Raises:
+        ConfigError: another config in the folder, an unwritable folder, or a batch that does not divide.
+    """
+    for stage in recipe.stages:
+        batch_plan(stage)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"train.output_dir={out} cannot be written ({exc.strerror or exc}); choose a writable folder") from None
+    _check_same_config(out, recipe)
+    save_yaml(recipe, out / "config.yaml")
+
+
+def check_free_space(out: Path, model: Any, recipe: RecipeConfig) -> None:
+    """Before the first step: refuse a run whose checkpoints and model folders would not fit on the
+    disk of ``out`` (an estimate from the parameter count; a checkpoint holds the trainable tensors
+    and two optimizer states each; ``keep_checkpoints`` + 1 exist while a new one is written).
+
+    Raises:
+        ConfigError: not enough free space (names the folder, the estimate and the free bytes).
+    """
+    import shutil
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = max((sum(_trained_bytes(model, name, mode, s) for name, mode in s.policy.items()) for s in recipe.stages), default=0)
+    checkpoint = 3 * trainable
+    needed = (recipe.train.keep_checkpoints + 1) * checkpoint + trainable * len(recipe.stages) + total * (1 + len(recipe.train.export))
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise ConfigError(
+            f"{out} has {free / 1e9:.2f} GB free, but this run needs about {needed / 1e9:.2f} GB "
+            f"({recipe.train.keep_checkpoints + 1} checkpoints of {checkpoint / 1e9:.2f} GB, stage outputs, the final model "
+            f"of {total / 1e9:.2f} GB{' and its exports' if recipe.train.export else ''}); free space, lower "
+            "train.keep_checkpoints, or choose another train.output_dir"
+        )
+
+
+def _trained_bytes(model: Any, name: str, mode: str, stage: Any) -> int:
+    """Bytes of the tensors a stage trains in part ``name``: all of it (``full``), or the LoRA
+    matrices of its targeted linear layers, ``r x (in + out)`` each (``lora``)."""
+    part = getattr(model, name)
+    if mode == "full":
+        return sum(p.numel() * p.element_size() for p in part.parameters())
+    if mode != "lora":
+        return 0
+    targets = stage.lora.target_modules or (list(part.spec.lora_targets) if name == "language" else None)
+    size = 0
+    for module_name, module in part.named_modules():
+        if isinstance(module, torch.nn.Linear) and (not targets or module_name.rsplit(".", 1)[-1] in targets):
+            size += stage.lora.r * (module.in_features + module.out_features) * module.weight.element_size()
+    return size
 
 
 def _ensure_answers(recipe: RecipeConfig, sources: dict, out: Path) -> None:
@@ -135,7 +219,8 @@ def _ensure_answers(recipe: RecipeConfig, sources: dict, out: Path) -> None:
         return
     samples = [s for stage in recipe.stages if stage.data.template != "plain" for s in sources[stage.name].samples]
     recipe.model.answers = answer_vocabulary(samples)
-    path.write_text(json.dumps(recipe.model.answers, indent=1))
+    if dist.is_main():
+        path.write_text(json.dumps(recipe.model.answers, indent=1))
     log.info("answer vocabulary: %d answers from the training data -> %s", len(recipe.model.answers), path)
 
 
@@ -166,16 +251,16 @@ def _eval_options(recipe: RecipeConfig):
 def _run_eval(recipe: RecipeConfig, out: Path, pipeline, run, fresh: bool) -> dict[str, Any]:
     """Answer and score the prepared evaluation; ``fresh``: a stage trained in this call, so answers
     already on disk (an interrupted earlier evaluation) belong to another model and are dropped."""
-    from vlmkit.evaluation.runner import evaluate
+    from vlmkit.evaluation.runner import discard_predictions, evaluate
 
     if fresh and run.done:
-        run.log.path.unlink()
-        run.done.clear()
+        discard_predictions(run)
     elif run.done:
         log.info("%s: resuming, %d of %d questions already answered in %s", run.spec.title, len(run.done), len(run.items), run.log.path)
     scores = evaluate(pipeline, [run], _eval_options(recipe), out / "eval")[run.spec.name]
     record = {"task": run.spec.name, "title": run.spec.title, "split": recipe.eval.split, "metric": run.spec.metric, **scores}
-    write_json_atomic(out / "eval.json", record)
+    if dist.is_main():
+        write_json_atomic(out / "eval.json", record)
     return record
 
 
@@ -185,19 +270,28 @@ def _tokenizer(recipe: RecipeConfig, out: Path, sources: dict) -> Any:
     size = recipe.model.language.tokenizer.train_vocab_size
     if not size:
         return None
-    if tok_dir.is_dir():
-        return load_tokenizer(str(tok_dir))
-    from vlmkit.processing.tokenizer import train_bpe_tokenizer
 
-    texts = []
-    for stage in recipe.stages:
-        name = stage.data.template or recipe.model.template
-        template = TEMPLATES.get(name) if name in TEMPLATES else None
-        texts += iter_texts(sources[stage.name].samples, template, recipe.model.system_prompt)
-    tokenizer = train_bpe_tokenizer(texts, size)
-    tokenizer.save_pretrained(tok_dir)
-    log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(tokenizer), len(texts), tok_dir)
-    return tokenizer
+    def train_once() -> None:  # on the main process; the others then read the folder
+        if tok_dir.is_dir():
+            return
+        from vlmkit.fileio import atomic_directory
+        from vlmkit.processing.tokenizer import train_bpe_tokenizer
+
+        texts = []
+        for stage in recipe.stages:
+            name = stage.data.template or recipe.model.template
+            template = TEMPLATES.get(name) if name in TEMPLATES else None
+            texts += iter_texts(sources[stage.name].samples, template, recipe.model.system_prompt)
+        tokenizer = train_bpe_tokenizer(texts, size)
+        with atomic_directory(tok_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+        log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(tokenizer), len(texts), tok_dir)
+
+    if dist.initialized():
+        dist.agree(train_once)
+    else:
+        train_once()
+    return load_tokenizer(str(tok_dir))
 
 
 def initial_model(recipe: RecipeConfig, out: Path, sources: dict | None = None) -> tuple[Any, Any, ModelConfig]:
@@ -235,12 +329,11 @@ def check_exports(recipe: RecipeConfig, model: Any, processor: Any, model_cfg: M
             raise ConfigError(f"train.export: {fmt} cannot express this model:\n  " + "\n  ".join(lines))
 
 
-def restore_model(run_dir: str | Path, stage: str | None = None) -> tuple[Any, Any, ModelConfig]:
-    """The model of a run folder after its completed stages (up to and including ``stage``),
-    LoRA adapters merged: what ``vlmkit export`` writes for a run or stage folder.
+def read_run_recipe(run_dir: str | Path) -> RecipeConfig:
+    """The resolved recipe a run folder was trained with (its ``config.yaml``, answers included).
 
     Raises:
-        ConfigError: no ``config.yaml``, an unknown stage, or ``stage`` (or no stage) complete.
+        ConfigError: no ``config.yaml``.
     """
     from vlmkit.config import from_dict
 
@@ -249,15 +342,30 @@ def restore_model(run_dir: str | Path, stage: str | None = None) -> tuple[Any, A
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
     recipe = from_dict(RecipeConfig, yaml.safe_load(path.read_text()))
+    if (run_dir / "answers.json").is_file():
+        recipe.model.answers = json.loads((run_dir / "answers.json").read_text())
+    return recipe
+
+
+def restore_model(run_dir: str | Path, stage: str | None = None, before: bool = False) -> tuple[Any, Any, ModelConfig]:
+    """The model of a run folder after its completed stages (up to and including ``stage``; with
+    ``before``, up to the stage before it), LoRA adapters merged: what ``vlmkit export`` writes for a
+    run or stage folder, and what ``vlmkit checkpoint consolidate`` starts from.
+
+    Raises:
+        ConfigError: no ``config.yaml``, an unknown stage, or ``stage`` (or no stage) complete.
+    """
+    run_dir = Path(run_dir)
+    recipe = read_run_recipe(run_dir)
     names = [s.name for s in recipe.stages]
     if stage is not None and stage not in names:
         raise ConfigError(f"{run_dir}: unknown stage {stage!r}; stages: {', '.join(names)}")
-    if (run_dir / "answers.json").is_file():
-        recipe.model.answers = json.loads((run_dir / "answers.json").read_text())
     set_seed(recipe.train.seed)  # parts no stage trained are the run's seeded initialisation (as on resume)
     model, processor, model_cfg = initial_model(recipe, run_dir)
     applied = []
     for s in recipe.stages:
+        if before and s.name == stage:
+            return model.eval(), processor, model_cfg
         folder = run_dir / "stages" / s.name
         if not is_complete(folder):
             break
@@ -276,24 +384,27 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
     train = recipe.train
     if train.threads:
         torch.set_num_threads(train.threads)
-    accelerator = make_accelerator(train.precision)
+    device = dist.device()
     sources = {s.name: load_source(s.data) for s in recipe.stages}
 
     _ensure_answers(recipe, sources, out)
     set_seed(train.seed)
     model, processor, model_cfg = initial_model(recipe, out, sources)
-    model.to(accelerator.device)
+    model.to(device)
     check_exports(recipe, model, processor, model_cfg)
+    dist.agree(lambda: check_free_space(out, model, recipe))
     log.info("model: %s tower -> %s connector (%d visual tokens per image) -> %s LM; %s parameters%s",
              model.vision.spec.name, model_cfg.connector.type, model.num_image_tokens, model.language.spec.name,
              f"{sum(p.numel() for p in model.parameters()):,}", f" (from {recipe.model.pretrained})" if recipe.model.pretrained else "")
+    if dist.world_size() > 1:
+        log.info("distributed: %d processes (%d per node), rank %d writes the files", dist.world_size(), dist.local_world_size(), 0)
     summary = RunSummary(out)
     stop_left = stop_after
     for index, stage in enumerate(recipe.stages):
         folder = out / "stages" / stage.name
         if is_complete(folder):
             apply_stage_output(model, folder)
-            model.to(accelerator.device)
+            model.to(device)
             summary.stages[stage.name] = json.loads((folder / "stage.json").read_text()) | {"reused": True}
             log.info("stage %r: already complete, loaded its outputs from %s", stage.name, folder)
             continue
@@ -306,9 +417,14 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
                                       stage.data.cache_images, stage.data.augment)
         set_seed(train.seed + 1000 * (index + 1))
         log.info("stage %r: %d samples, %s", stage.name, len(dataset), stage.policy)
-        result = train_stage(model, dataset, stage, train, folder, accelerator, stop_left, stage.data.num_workers)
+        result = train_stage(model, dataset, stage, train, folder, stop_left, stage.data.num_workers)
+        model = result.model
         stop_left = None
-        save_stage_output(model, stage.policy, folder, result)
+        if dist.is_main():
+            save_stage_output(model, stage.policy, folder, result)
+        else:
+            merge_lora_parts(model)
+        dist.barrier()
         summary.stages[stage.name] = {"steps": result.steps, "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
                                       "samples": result.samples, "skipped": result.skipped}
         log.info("stage %r done: %d steps, final loss %.4f, %.1f s", stage.name, result.steps, result.final_loss, result.seconds)
@@ -316,11 +432,16 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
             summary.seconds = time.perf_counter() - started
             return summary
 
-    summary.model_dir = save_model(model, processor, model_cfg, out / "model")
-    log.info("saved the model to %s", summary.model_dir)
+    summary.model_dir = out / "model"
+    if dist.is_main():
+        save_model(model, processor, model_cfg, out / "model")
+        log.info("saved the model to %s", summary.model_dir)
     for fmt in train.export:
-        summary.exports[fmt] = export_model(model, processor, model_cfg, fmt, out / f"model-{fmt}", overwrite=True)
-        log.info("exported the model as %s to %s", fmt, summary.exports[fmt])
+        summary.exports[fmt] = out / f"model-{fmt}"
+        if dist.is_main():
+            export_model(model, processor, model_cfg, fmt, out / f"model-{fmt}", overwrite=True)
+            log.info("exported the model as %s to %s", fmt, summary.exports[fmt])
+    dist.barrier()
     if eval_run is not None:
         from vlmkit.inference.pipeline import VLMPipeline
 

@@ -16,7 +16,7 @@ model those stages produced; that is how a later run resumes.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 import transformers
@@ -54,7 +54,8 @@ def save_stage_output(model: VisionLanguageModel, policy: dict[str, str], folder
         elif mode == "full":
             with atomic_directory(folder / name) as tmp, quiet_hf_progress():
                 (part.tower if name == "vision" else part).save_pretrained(tmp)
-    write_json_atomic(folder / DONE_FILE, {"policy": policy, **{k: v for k, v in asdict(result).items() if k != "losses"}})
+    summary = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in ("losses", "model")}
+    write_json_atomic(folder / DONE_FILE, {"policy": policy, **summary})
 
 
 def apply_stage_output(model: VisionLanguageModel, folder: str | Path) -> None:

@@ -156,10 +156,18 @@ class NotGenerativeError(ValueError):
 
 @dataclass
 class LossOutput:
-    """A mean loss and the number of targets (tokens or rows) it averages over; ``logits`` when cheap."""
+    """The summed loss over a batch's targets (tokens, or rows for classification) and their number.
 
-    loss: torch.Tensor
+    The sum, not the mean, is what the trainer needs: it divides by the target count of the whole
+    global batch (all micro-batches, all processes), so the gradient does not depend on the split."""
+
+    total: torch.Tensor
     count: int
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The mean over the targets (0 without targets)."""
+        return self.total / max(self.count, 1)
 
 
 class LanguageModel(nn.Module, abc.ABC):
@@ -250,6 +258,11 @@ class LanguageModel(nn.Module, abc.ABC):
             self.load_extra_state(load_tensors(heads))
 
     # -- the interface the VLM uses -------------------------------------------------------------
+    def count_targets(self, targets: dict[str, torch.Tensor]) -> int:
+        """How many targets :meth:`loss` sums over for these targets (``labels`` etc., ``-100`` = none),
+        computed without a forward pass. Default: every entry that is not ``-100``."""
+        return sum(int((t != IGNORE_INDEX).sum()) for t in targets.values())
+
     @abc.abstractmethod
     def loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Training loss for embedded inputs ``(B, T, H)`` and the batch's targets."""
@@ -309,7 +322,7 @@ class CausalLanguageModel(LanguageModel):
     def loss(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, batch: dict[str, torch.Tensor], **model_kwargs: Any
     ) -> LossOutput:
-        """Next-token cross-entropy over label positions.
+        """Next-token cross-entropy summed over label positions.
 
         With a plain-head family the LM head runs only on the positions that predict a label, the
         main saving over computing ``(B, T, V)`` logits. ``model_kwargs``: the fusion's extra forward
@@ -326,7 +339,11 @@ class CausalLanguageModel(LanguageModel):
             logits = self.logits(inputs_embeds, attention_mask, **model_kwargs)[:, :-1][select]
         if n == 0:
             return LossOutput(logits.sum() * 0.0, 0)
-        return LossOutput(F.cross_entropy(logits.float(), targets[select]), n)
+        return LossOutput(F.cross_entropy(logits.float(), targets[select], reduction="sum"), n)
+
+    def count_targets(self, targets: dict[str, torch.Tensor]) -> int:
+        """Labels are aligned with the inputs and shifted inside: the first position predicts nothing."""
+        return int((targets["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.hf_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

@@ -96,18 +96,20 @@ class EncoderLanguageModel(LanguageModel):
         return self.itm_head(self.pooled(inputs_embeds, attention_mask))
 
     def loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> LossOutput:
-        """Mean answer cross-entropy over VQA rows plus mean ITM cross-entropy over ITM rows."""
+        """Answer cross-entropy over VQA rows plus ITM cross-entropy over ITM rows, summed (each row
+        one target). Both heads are always in the graph (with no rows: a zero term), so every process
+        of a distributed run reduces gradients for the same parameters."""
         pooled = self.pooled(inputs_embeds, attention_mask)
         total = pooled.sum() * 0.0
         count = 0
         for head, key in ((self.vqa_head, "labels"), (self.itm_head, "match_labels")):
             targets = batch.get(key)
-            if targets is None:
-                continue
-            rows = targets != IGNORE_INDEX
+            rows = targets != IGNORE_INDEX if targets is not None else torch.zeros(pooled.shape[0], dtype=torch.bool, device=pooled.device)
             if rows.any():
-                total = total + F.cross_entropy(head(pooled[rows]).float(), targets[rows])
+                total = total + F.cross_entropy(head(pooled[rows]).float(), targets[rows], reduction="sum")
                 count += int(rows.sum())
+            else:
+                total = total + head(pooled[:0]).sum() * 0.0
         return LossOutput(total, count)
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:

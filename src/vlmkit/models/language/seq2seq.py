@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vlmkit.models.language.base import IGNORE_INDEX, LanguageModel, LossOutput
 
@@ -20,14 +21,15 @@ class Seq2SeqLanguageModel(LanguageModel):
     auto_class = "AutoModelForSeq2SeqLM"
 
     def loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> LossOutput:
-        """Cross-entropy of the decoder on ``labels`` ``(B, T_answer)`` (teacher forcing: the decoder
-        input is the labels shifted right behind the decoder start token)."""
+        """Cross-entropy of the decoder summed over ``labels`` ``(B, T_answer)`` (teacher forcing: the
+        decoder input is the labels shifted right behind the decoder start token)."""
         labels = batch["labels"]
         n = int((labels != IGNORE_INDEX).sum())
         out = self.hf_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
         if n == 0:
             return LossOutput(out.logits.sum() * 0.0, 0)
-        return LossOutput(out.loss, n)
+        total = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return LossOutput(total, n)
 
     def logits(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -1,0 +1,189 @@
+"""Multi-process training on CPU (gloo): every strategy computes what one process computes.
+
+One ``torchrun --nproc-per-node 2`` launch runs all the jobs (tests/launch_helpers.py), so the
+start-up is paid once; each test then compares one job's run folder with the one-process reference
+trained in this process: per-step losses and final weights within 1e-5, with accumulation 1 and 2,
+for a stage that trains the tower and the connector and a LoRA stage. The stage data has 18 rows
+and a global batch of 8, so each epoch ends with a short batch of 2 whose share is empty on some
+micro-steps (a target-free filler keeps the processes in step).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_VISION, tiny_recipe_dict, write_llava_data
+from vlmkit.config import RecipeConfig, from_dict, load_recipe
+from vlmkit.training.checkpoint import list_checkpoints, read_trainer_state
+from vlmkit.training.run import run_training
+
+HERE = Path(__file__).parent
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+STEPS = {"align": 4, "instruct": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def run_child(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; kill the whole group on timeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=child_env(), **kw)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def recipe_dict(data: Path, out: Path) -> dict:
+    r = tiny_recipe_dict(data, out)
+    # a ViT without attention biases: the gradient of a key bias is zero in exact arithmetic (softmax
+    # ignores a shift shared by all keys), so it is rounding noise, which Adam scales up to steps of
+    # +-lr; its value would then depend on the reduction order rather than on the arithmetic
+    r["model"]["vision"] = {"encoder": "vit", "config": {**TINY_VISION["vit"], "qkv_bias": False}, "image_size": 32,
+                            "feature_layer": -2}
+    r["train"]["threads"] = 1
+    align, instruct = r["stages"]
+    align.update(policy={"vision": "full", "connector": "full"}, batch_size=8, max_steps=STEPS["align"])
+    instruct.update(batch_size=8, max_steps=STEPS["instruct"])
+    for stage in (align, instruct):
+        stage["data"]["limit"] = 18
+    return r
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The reference (one process, in this process) and every two-process job, run once."""
+    root = tmp_path_factory.mktemp("dist")
+    data = write_llava_data(root / "data", per_color=5)
+    recipe_file = root / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe_dict(data, root / "unused")))
+    reference = root / "reference"
+    run_training(load_recipe(str(recipe_file), [f"train.output_dir={reference}"]), evaluate=False)
+
+    def train(name: str, *overrides: str, env: dict | None = None) -> dict:
+        return {"argv": ["train", str(recipe_file), f"train.output_dir={root / name}", "--no-eval", *overrides], "env": env or {}}
+
+    accum2 = ("stages.align.micro_batch_size=2", "stages.instruct.micro_batch_size=2")
+    jobs = {
+        "ddp-a1": train("ddp-a1", "train.strategy=ddp"),
+        "ddp-a2": train("ddp-a2", "train.strategy=ddp", *accum2),
+        "fsdp-a1": train("fsdp-a1", "train.strategy=fsdp"),
+        "fsdp-a2": train("fsdp-a2", "train.strategy=fsdp", *accum2),
+        # two "nodes" of one process each: parameters replicated across nodes, sharded within (HSDP)
+        "fsdp-hybrid": train("fsdp-hybrid", "train.strategy=fsdp", "train.fsdp.sharding=hybrid", env={"LOCAL_WORLD_SIZE": "1"}),
+        "fsdp-stop": {"recipe": str(recipe_file), "stop_after": 2,
+                      "overrides": [f"train.output_dir={root / 'fsdp-stop'}", "train.strategy=fsdp", "train.save_every=1"]},
+        "bad-batch": train("bad-batch", "train.strategy=ddp", "stages.align.batch_size=7"),
+    }
+    if HAS_DEEPSPEED:
+        jobs["deepspeed-zero2-a2"] = train("deepspeed-zero2-a2", "train.strategy=deepspeed", "train.deepspeed=zero2", *accum2)
+        jobs["deepspeed-zero3-a1"] = train("deepspeed-zero3-a1", "train.strategy=deepspeed", "train.deepspeed=zero3")
+    jobs_file = root / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    done = run_child([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                      "--master-port", str(free_port()), str(HERE / "launch_helpers.py"), "jobs", str(jobs_file)], timeout=900)
+    assert done.returncode == 0, done.stdout[-6000:]
+    results = json.loads((root / "jobs.json.result").read_text())
+    return {"root": root, "recipe": recipe_file, "reference": reference, "results": results, "output": done.stdout}
+
+
+def losses(run: Path, stage: str) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "stages" / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run / "model").rglob("*.safetensors")):
+        out |= {f"{f.relative_to(run)}:{k}": v for k, v in load_file(str(f)).items()}
+    return out
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    for stage, steps in STEPS.items():
+        got, want = losses(run, stage), losses(reference, stage)
+        assert len(got) == steps, f"{stage}: {len(got)} metrics lines for {steps} steps (written by more than one process?)"
+        assert got == pytest.approx(want, abs=1e-5), stage
+    a, b = weights(run), weights(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+
+
+JOBS = ["ddp-a1", "ddp-a2", "fsdp-a1", "fsdp-a2", "fsdp-hybrid",
+        pytest.param("deepspeed-zero2-a2", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")),
+        pytest.param("deepspeed-zero3-a1", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", JOBS)
+def test_two_processes_train_what_one_process_trains(world, job):
+    assert world["results"][job] == 0, world["output"][-4000:]
+    run = world["root"] / job
+    assert_same_training(run, world["reference"])
+    log = (run / "train.log").read_text()
+    # every file once, by the main process: one log line per event, one metrics line per step
+    assert log.count("saved the model to") == 1 and log.count("stage 'align' done") == 1
+    accumulation = 2 if job.endswith("a2") else 1
+    micro = 4 // accumulation
+    assert f"world size 2, global batch 8 = micro-batch {micro} per device x 2 process(es) x {accumulation} accumulation step(s)" in log
+    strategy = job.split("-")[0]
+    assert f"{strategy} strategy" in log
+    state = read_trainer_state(list_checkpoints(run / "stages" / "instruct" / "checkpoints")[-1])
+    assert state["world_size"] == 2 and state["strategy"] == strategy and state["accumulation"] == accumulation
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_consolidates_and_resumes_on_one_process(world, tmp_path):
+    from vlmkit.formats import load_model
+    from vlmkit.training.consolidate import consolidate
+
+    assert world["results"]["fsdp-stop"] == "stopped"
+    run = world["root"] / "fsdp-stop"
+    found = list_checkpoints(run / "stages" / "align" / "checkpoints")
+    assert [p.name for p in found] == ["step-0000001", "step-0000002"]
+    state = read_trainer_state(found[-1])
+    assert state["world_size"] == 2 and state["strategy"] == "fsdp"
+    # each process wrote its own shard of the FSDP-sharded tensors
+    assert len(list((found[-1] / "state").glob("*.safetensors"))) == 2
+
+    # consolidated on one process: an ordinary model folder with the step-2 weights
+    folder = consolidate(run, output=tmp_path / "step2")
+    model, _ = load_model(folder)
+    reference, _ = load_model(world["reference"] / "model")
+    assert not torch.allclose(model.connector.mlp[0].weight, reference.connector.mlp[0].weight)
+
+    run_training(load_recipe(str(world["recipe"]), [f"train.output_dir={run}", "train.save_every=1"]), evaluate=False)
+    assert_same_training(run, world["reference"])
+
+
+@pytest.mark.slow
+def test_a_global_batch_that_does_not_divide_stops_every_process_before_training(world):
+    assert world["results"]["bad-batch"] == 2
+    assert "stages.align.batch_size=7 (the global batch) does not divide over 2 processes" in world["output"]
+    assert not (world["root"] / "bad-batch" / "stages").exists()
