@@ -30,6 +30,7 @@ from vlmkit.training.run import run_training
 
 HERE = Path(__file__).parent
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+EVAL = ("eval.task=easyvqa", "eval.limit=12", "eval.batch_size=4", "eval.max_new_tokens=2")
 STEPS = {"align": 4, "instruct": 3}
 
 
@@ -85,14 +86,17 @@ def world(tmp_path_factory):
     run_training(load_recipe(str(recipe_file), [f"train.output_dir={reference}"]), evaluate=False)
 
     def train(name: str, *overrides: str, env: dict | None = None) -> dict:
-        return {"argv": ["train", str(recipe_file), f"train.output_dir={root / name}", "--no-eval", *overrides], "env": env or {}}
+        evaluate = [] if any(o.startswith("eval.") for o in overrides) else ["--no-eval"]
+        return {"argv": ["train", str(recipe_file), f"train.output_dir={root / name}", *evaluate, *overrides], "env": env or {}}
 
     accum2 = ("stages.align.micro_batch_size=2", "stages.instruct.micro_batch_size=2")
     jobs = {
         "ddp-a1": train("ddp-a1", "train.strategy=ddp"),
         "ddp-a2": train("ddp-a2", "train.strategy=ddp", *accum2),
-        "fsdp-a1": train("fsdp-a1", "train.strategy=fsdp"),
+        # with the evaluation at the end of the run, shared by the two processes
+        "fsdp-a1": train("fsdp-a1", "train.strategy=fsdp", *EVAL),
         "fsdp-a2": train("fsdp-a2", "train.strategy=fsdp", *accum2),
+        "fsdp-checkpointing-a2": train("fsdp-checkpointing-a2", "train.strategy=fsdp", "train.gradient_checkpointing=true", *accum2),
         # two "nodes" of one process each: parameters replicated across nodes, sharded within (HSDP)
         "fsdp-hybrid": train("fsdp-hybrid", "train.strategy=fsdp", "train.fsdp.sharding=hybrid", env={"LOCAL_WORLD_SIZE": "1"}),
         "fsdp-stop": {"recipe": str(recipe_file), "stop_after": 2,
@@ -135,7 +139,7 @@ def assert_same_training(run: Path, reference: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
 
 
-JOBS = ["ddp-a1", "ddp-a2", "fsdp-a1", "fsdp-a2", "fsdp-hybrid",
+JOBS = ["ddp-a1", "ddp-a2", "fsdp-a1", "fsdp-a2", "fsdp-checkpointing-a2", "fsdp-hybrid",
         pytest.param("deepspeed-zero2-a2", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")),
         pytest.param("deepspeed-zero3-a1", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed"))]
 
@@ -187,3 +191,20 @@ def test_a_global_batch_that_does_not_divide_stops_every_process_before_training
     assert world["results"]["bad-batch"] == 2
     assert "stages.align.batch_size=7 (the global batch) does not divide over 2 processes" in world["output"]
     assert not (world["root"] / "bad-batch" / "stages").exists()
+
+
+@pytest.mark.slow
+def test_the_evaluation_after_a_two_process_run_is_shared_and_equals_one_process(world, tmp_path):
+    from vlmkit.cli import main
+
+    run = world["root"] / "fsdp-a1"
+    rows = [json.loads(line) for line in (run / "eval" / "easyvqa" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    assert not list((run / "eval" / "easyvqa").glob("predictions.rank*.jsonl"))
+    recorded = json.loads((run / "eval.json").read_text())
+    assert (run / "train.log").read_text().count("easy-VQA test accuracy") == 1
+    assert main(["eval", "--model", str(run / "model"), "--task", "easyvqa", "--limit", "12", "--batch-size", "4",
+                 "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    alone = {r["id"]: r["prediction"] for r in map(json.loads, (tmp_path / "easyvqa" / "predictions.jsonl").read_text().splitlines())}
+    assert {r["id"]: r["prediction"] for r in rows} == alone
+    assert recorded["accuracy"] == json.loads((tmp_path / "easyvqa" / "scores.json").read_text())["accuracy"]
