@@ -97,6 +97,7 @@ def world(tmp_path_factory):
         "fsdp-a1": train("fsdp-a1", "train.strategy=fsdp", *EVAL),
         "fsdp-a2": train("fsdp-a2", "train.strategy=fsdp", *accum2),
         "fsdp-checkpointing-a2": train("fsdp-checkpointing-a2", "train.strategy=fsdp", "train.gradient_checkpointing=true", *accum2),
+        "fsdp-bf16": train("fsdp-bf16", "train.strategy=fsdp", "train.precision=bf16"),
         # two "nodes" of one process each: parameters replicated across nodes, sharded within (HSDP)
         "fsdp-hybrid": train("fsdp-hybrid", "train.strategy=fsdp", "train.fsdp.sharding=hybrid", env={"LOCAL_WORLD_SIZE": "1"}),
         "fsdp-stop": {"recipe": str(recipe_file), "stop_after": 2,
@@ -208,3 +209,26 @@ def test_the_evaluation_after_a_two_process_run_is_shared_and_equals_one_process
     alone = {r["id"]: r["prediction"] for r in map(json.loads, (tmp_path / "easyvqa" / "predictions.jsonl").read_text().splitlines())}
     assert {r["id"]: r["prediction"] for r in rows} == alone
     assert recorded["accuracy"] == json.loads((tmp_path / "easyvqa" / "scores.json").read_text())["accuracy"]
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_mixed_precision_keeps_fp32_weights_and_close_losses(world):
+    assert world["results"]["fsdp-bf16"] == 0
+    run = world["root"] / "fsdp-bf16"
+    for stage in STEPS:
+        assert losses(run, stage) == pytest.approx(losses(world["reference"], stage), rel=2e-3), stage
+    trained = weights(run)
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # bf16 is the compute dtype, not the stored one
+    assert "mp_policy" not in (run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_training(world):
+    """``accelerate launch --use_fsdp`` (the recipe's strategy is auto: accelerate's flag picks FSDP)."""
+    run = world["root"] / "accelerate"
+    done = run_child([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                      "-m", "vlmkit", "train", str(world["recipe"]), f"train.output_dir={run}", "--no-eval"], timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "fsdp strategy, world size 2" in (run / "train.log").read_text()
+    assert_same_training(run, world["reference"])
