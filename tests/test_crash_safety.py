@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from conftest import tiny_recipe_dict, write_llava_data
-from test_distributed import child_env, weights
+from processes import finish, start
+from test_distributed import weights
 from vlmkit.config import ConfigError, load_recipe
 from vlmkit.training.checkpoint import CheckpointError, list_checkpoints
 from vlmkit.training.run import run_training
@@ -62,19 +63,8 @@ def assert_equals_reference(run: Path, reference: Path) -> None:
 
 
 def vlmkit_child(recipe: Path, out: Path, *faults: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(HERE / "launch_helpers.py"), "faults", *faults, "--",
-           "train", str(recipe), f"train.output_dir={out}", "--no-eval"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=child_env())
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"the training process did not finish in {timeout} s:\n{out[-3000:]}") from None
-    return proc.returncode, out
+    return start([sys.executable, str(HERE / "launch_helpers.py"), "faults", *faults, "--",
+                  "train", str(recipe), f"train.output_dir={out}", "--no-eval"])
 
 
 @pytest.mark.slow
@@ -86,19 +76,18 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_then_resume_gives_the_uni
     proc = vlmkit_child(setup["recipe"], run, "--step-delay", "0.5")
     deadline = time.monotonic() + 240
     while not (ckpts / "step-0000003" / "trainer_state.json").is_file():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint at step 3 in time"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
-    code, _ = finish(proc)
-    assert code == -signal.SIGKILL
+    assert finish(proc, 60).returncode == -signal.SIGKILL
     newest = list_checkpoints(ckpts)[-1]
     assert int(newest.name.split("-")[1]) >= 3
 
     # 2. resumed, then killed while writing its second checkpoint: the tensors are on disk in a hidden
     #    partial folder, which is never taken for a checkpoint; the one before it is the newest
-    code, out = finish(vlmkit_child(setup["recipe"], run, "--kill-at-checkpoint", "2"))
-    assert code == -signal.SIGKILL, out[-3000:]
+    done = finish(vlmkit_child(setup["recipe"], run, "--kill-at-checkpoint", "2"), 300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     partial = [p for p in ckpts.iterdir() if p.name.endswith(".partial")]
     assert len(partial) == 1 and list((partial[0] / "state").glob("*.safetensors"))
     written = int(partial[0].name.split("-")[1].split(".")[0])
@@ -109,9 +98,9 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_then_resume_gives_the_uni
     assert (loaded / "vlmkit_config.json").is_file()
 
     # 3. resumed to the end: the leftover is removed and the run equals the uninterrupted one
-    code, out = finish(vlmkit_child(setup["recipe"], run))
-    assert code == 0, out[-3000:]
-    assert "left by a checkpoint write that did not finish" in out
+    done = finish(vlmkit_child(setup["recipe"], run), 300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "left by a checkpoint write that did not finish" in done.stderr
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
     assert_equals_reference(run, setup["reference"])
 

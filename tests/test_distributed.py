@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +20,8 @@ import torch
 import yaml
 
 from conftest import TINY_VISION, tiny_recipe_dict, write_llava_data
+import processes
+from processes import free_port, torchrun
 from vlmkit.config import RecipeConfig, from_dict, load_recipe
 from vlmkit.training.checkpoint import list_checkpoints, read_trainer_state
 from vlmkit.training.run import run_training
@@ -32,31 +30,6 @@ HERE = Path(__file__).parent
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 EVAL = ("eval.task=easyvqa", "eval.limit=12", "eval.batch_size=4", "eval.max_new_tokens=2")
 STEPS = {"align": 4, "instruct": 3}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
-def run_child(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; kill the whole group on timeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=child_env(), **kw)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
 def recipe_dict(data: Path, out: Path) -> dict:
@@ -109,11 +82,10 @@ def world(tmp_path_factory):
         jobs["deepspeed-zero3-a1"] = train("deepspeed-zero3-a1", "train.strategy=deepspeed", "train.deepspeed=zero3")
     jobs_file = root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
-    done = run_child([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                      "--master-port", str(free_port()), str(HERE / "launch_helpers.py"), "jobs", str(jobs_file)], timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:]
+    done = torchrun([str(HERE / "launch_helpers.py"), "jobs", str(jobs_file)], timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     results = json.loads((root / "jobs.json.result").read_text())
-    return {"root": root, "recipe": recipe_file, "reference": reference, "results": results, "output": done.stdout}
+    return {"root": root, "recipe": recipe_file, "reference": reference, "results": results, "output": done.stdout + done.stderr}
 
 
 def losses(run: Path, stage: str) -> list[float]:
@@ -226,9 +198,9 @@ def test_fsdp_with_bf16_mixed_precision_keeps_fp32_weights_and_close_losses(worl
 def test_accelerate_launch_runs_the_same_training(world):
     """``accelerate launch --use_fsdp`` (the recipe's strategy is auto: accelerate's flag picks FSDP)."""
     run = world["root"] / "accelerate"
-    done = run_child([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
+    done = processes.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                       "-m", "vlmkit", "train", str(world["recipe"]), f"train.output_dir={run}", "--no-eval"], timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:]
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "fsdp strategy, world size 2" in (run / "train.log").read_text()
     assert_same_training(run, world["reference"])

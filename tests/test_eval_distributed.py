@@ -4,62 +4,18 @@ them; the files an interrupted distributed run leaves behind are picked up by an
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model_config
-from test_eval_runner import Recording, read_predictions
+from processes import torchrun
+from test_eval_runner import Recording, read_predictions, tiny  # noqa: F401  (tiny: the saved model fixture)
 from test_eval_tasks import make_vqav2
 from vlmkit.evaluation.runner import EvalOptions, discard_predictions, prepare, run_tasks
 from vlmkit.evaluation.tasks import EvalDataError, TaskData
-from vlmkit.formats import save_model
-from vlmkit.inference.pipeline import VLMPipeline
-from vlmkit.models.build import build_model
 
 easy_vqa = pytest.importorskip("easy_vqa")
-
-
-@pytest.fixture(scope="module")
-def tiny(bpe_tokenizer, tmp_path_factory):
-    """(pipeline, saved model folder) of a tiny random CLIP + Llama model."""
-    import torch
-
-    torch.manual_seed(0)
-    cfg = tiny_model_config()
-    model, processor = build_model(cfg, tokenizer=copy.deepcopy(bpe_tokenizer))
-    folder = save_model(model, processor, cfg, tmp_path_factory.mktemp("dist-model") / "model")
-    return VLMPipeline(model, processor), folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node NPROC -m vlmkit ARGS`` on the CPU (gloo); the whole process group
-    (launcher and workers) is killed if it outlives ``timeout`` seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "vlmkit", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s\nstdout:\n{out}\nstderr:\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def rank_files(folder: Path) -> list[str]:
@@ -85,7 +41,7 @@ def test_torchrun_eval_equals_one_process_and_a_bad_image_stops_every_process(ti
 
     image.write_bytes(b"not an image")
     out = tmp_path / "two"
-    done = torchrun(["eval", *common, "--out", str(out)])
+    done = torchrun(["-m", "vlmkit", "eval", *common, "--out", str(out)], timeout=300)
     assert done.returncode != 0, done.stdout
     error = "vlmkit eval: error: VQAv2: question '1003'"
     assert done.stderr.count(error) == 2, done.stderr[-4000:]  # raised on both processes, not only where it happened

@@ -296,6 +296,31 @@ def test_gradient_checkpointing_gives_the_same_losses(llava_data, tmp_path):
     assert losses_of(tmp_path / "ckpt", "align") == pytest.approx(losses_of(tmp_path / "plain", "align"), rel=1e-5)
 
 
+def test_gradient_checkpointing_recomputes_a_frozen_language_model_that_gradients_pass_through(build_tiny):
+    """LLaVA's stage 1: only the connector trains, the LM is frozen (eval mode) but the connector's
+    gradient flows back through it. Its layers must still be recomputed rather than stored: the
+    tensors autograd keeps during the forward shrink, and the gradients stay exactly the same."""
+    from vlmkit.training.trainer import enable_gradient_checkpointing
+
+    def saved_bytes_and_grads(checkpointing: bool):
+        model, processor = build_tiny(seed=3)
+        apply_policy(model, {"connector": "full"}, LoraSettings())
+        assert not model.language.training
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = model(**one_batch(processor)).loss
+        loss.backward()
+        return sum(kept), [p.grad.clone() for p in model.connector.parameters()]
+
+    plain_bytes, plain_grads = saved_bytes_and_grads(False)
+    ckpt_bytes, ckpt_grads = saved_bytes_and_grads(True)
+    assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_gradient_checkpointing_is_enabled_in_both_towers(build_tiny):
     from vlmkit.training.trainer import enable_gradient_checkpointing
 

@@ -547,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default=None, help="new model folder (default: RUN/model-STAGE-step-N)")
     c.set_defaults(func=cmd_checkpoint)
 
+    from vlmkit.planning import add_plan_parser
+
+    add_plan_parser(sub)
+
     p = sub.add_parser("list", help="print what a registry holds", description="Print a registry.")
     p.add_argument("what", choices=sorted(LISTS), help="which registry")
     p.set_defaults(func=cmd_list)

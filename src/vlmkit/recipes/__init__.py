@@ -12,6 +12,15 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+def _shipped_or_file(name_or_path: str, folder: Path, suffix: str) -> Path | None:
+    """``name_or_path`` itself when it is a file, else the shipped ``folder/NAME{suffix}``, else ``None``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = folder / f"{name_or_path}{suffix}"
+    return shipped if shipped.is_file() else None
+
+
 def recipe_path(name_or_path: str) -> Path:
     """The YAML file for a shipped recipe name, or ``name_or_path`` itself if it is a file.
 
@@ -20,13 +29,10 @@ def recipe_path(name_or_path: str) -> Path:
     """
     from vlmkit.config import ConfigError
 
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise ConfigError(f"no recipe {name_or_path!r}: not a file and not a shipped recipe; shipped: {', '.join(list_recipes())}")
+    found = _shipped_or_file(name_or_path, RECIPES_DIR, ".yaml")
+    if found is None:
+        raise ConfigError(f"no recipe {name_or_path!r}: not a file and not a shipped recipe; shipped: {', '.join(list_recipes())}")
+    return found
 
 
 def recipe_description(name: str) -> str:
@@ -52,11 +58,8 @@ def deepspeed_config_path(name_or_path: str) -> Path:
     """
     from vlmkit.config import ConfigError
 
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = DEEPSPEED_DIR / f"{name_or_path}.json"
-    if shipped.is_file():
-        return shipped
-    raise ConfigError(f"train.deepspeed={name_or_path!r} is neither a shipped DeepSpeed config nor a file; "
-                      f"shipped: {', '.join(list_deepspeed_configs())}")
+    found = _shipped_or_file(name_or_path, DEEPSPEED_DIR, ".json")
+    if found is None:
+        raise ConfigError(f"train.deepspeed={name_or_path!r} is neither a shipped DeepSpeed config nor a file; "
+                          f"shipped: {', '.join(list_deepspeed_configs())}")
+    return found

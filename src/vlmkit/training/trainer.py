@@ -24,12 +24,14 @@ import math
 import signal
 import threading
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
@@ -123,7 +125,14 @@ def total_steps(stage: StageConfig, dataset_size: int) -> int:
 
 
 def enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
-    """Turn on activation recomputation in every part that supports it."""
+    """Turn on activation recomputation in every part that supports it, frozen parts included.
+
+    transformers recomputes a layer only in training mode, but vlmkit keeps frozen parts in eval mode
+    (no dropout, no BatchNorm drift). A frozen language model behind a trained connector (LLaVA's
+    stage 1) still passes gradients back, and would keep every layer's activations: its layers are
+    checkpointed here in eval mode too (:func:`_checkpointed_forward`)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     for hf in (model.vision.tower, model.language.hf_model):
         if getattr(hf, "supports_gradient_checkpointing", False):
             enable = getattr(hf, "activation_checkpointing_enable", None)  # transformers' name since late 5.x
@@ -131,7 +140,19 @@ def enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for layer in hf.modules():
+                if isinstance(layer, GradientCheckpointingLayer) and "forward" not in vars(layer):
+                    layer.forward = types.MethodType(_checkpointed_forward, layer)
     model.language.hf_model.config.use_cache = False
+
+
+def _checkpointed_forward(self, *args: Any, **kwargs: Any) -> Any:
+    """A layer's forward, recomputed in backward also in eval mode (a frozen part that gradients pass
+    through); in training mode transformers' own wrapper checkpoints, without gradients nothing does."""
+    forward = type(self).forward
+    if self.gradient_checkpointing and not self.training and torch.is_grad_enabled():
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
 
 
 def mask_targets(batch: dict[str, Any]) -> dict[str, Any]:

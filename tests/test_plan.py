@@ -1,0 +1,169 @@
+"""vlmkit plan: estimates against measured CPU memory, exact state by strategy, LoRA counts as peft's,
+LLaVA-1.5-7B planned offline, and errors that name the bad option."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from vlmkit.config import ConfigError
+from vlmkit.planning import KNOWN_ARCHITECTURES, PlanOptions, add_plan_parser, format_plan, parse_memory, plan_recipe
+from vlmkit.planning.memory import device_memory
+from vlmkit.planning.sharding import SHARDING, Hardware, Setup, read_zero_config
+
+GB = 10**9
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    """easyvqa-tiny's instruct stage (tower frozen) on one device, both checkpointing settings traced."""
+    return plan_recipe("easyvqa-tiny", [], PlanOptions(gpus=1, gpu_memory=GB, stages=["instruct"], micro_batch=8, seq_len=48))
+
+
+def test_estimate_within_25_percent_of_measured_peak():
+    from vlmkit.planning.measure import measure_stage
+
+    overrides = ["stages.align.batch_size=8"]
+    measured = measure_stage("easyvqa-tiny", overrides, "align", rows=8, seq_len=32, steps=2)
+    fraction = measured.labelled / (measured.rows * (measured.seq_len - measured.visual_tokens - 1))
+    plan = plan_recipe("easyvqa-tiny", overrides, PlanOptions(
+        gpus=1, gpu_memory=GB, strategy="none", stages=["align"], micro_batch=8, seq_len=measured.seq_len,
+        label_fraction=fraction, compare_checkpointing=False, foreach_adamw=False))
+    stage = plan.stages[0]
+    assert stage.stats.total == measured.parameters and stage.stats.trainable == measured.trainable
+    assert stage.memory.state.optimizer == measured.optimizer and stage.memory.state.gradients == measured.gradients
+    ratio = stage.memory.peak / measured.peak
+    assert abs(ratio - 1) < 0.25, (stage.memory.peak, measured.peak)
+    assert abs(stage.memory.stored / measured.stored - 1) < 0.25, (stage.memory.stored, measured.stored)
+
+
+def test_both_checkpointing_settings_are_reported(tiny_plan):
+    stage = tiny_plan.stages[0]
+    assert not stage.checkpointing and stage.other is not None
+    assert stage.other.stored < stage.memory.stored  # layer inputs only
+    text = format_plan(tiny_plan)
+    assert "checkpointing off (recipe)" in text and "checkpointing on" in text and "step FLOPs" in text
+    assert stage.trace.forward_flops > 0 and stage.trace.backward_flops > stage.trace.forward_flops
+
+
+def _state(stats, strategy: str, gpus: int, nodes: int = 1, **setup):
+    base = Setup(strategy=strategy, precision="bf16", model_dtype="float32", **setup)
+    return SHARDING.get(strategy).state(stats, base, Hardware(gpus, nodes, 80 * GB))
+
+
+def test_weights_gradients_optimizer_exact_by_strategy(tiny_plan):
+    stats = tiny_plan.stages[0].stats
+    weights, trainable = stats.weight_bytes, stats.trainable_bytes
+    none = _state(stats, "none", 1)
+    assert (none.weights, none.gradients, none.optimizer) == (weights + stats.buffer_bytes, trainable, 2 * trainable)
+    assert _state(stats, "ddp", 4).buffers == trainable  # DDP's gradient buckets
+    fsdp = _state(stats, "fsdp", 4)
+    assert (fsdp.weights - stats.buffer_bytes, fsdp.gradients, fsdp.optimizer) == (weights / 4, trainable / 4, 2 * trainable / 4)
+    hybrid = _state(stats, "fsdp", 8, nodes=2, fsdp_sharding="hybrid")  # shards within a node of 4
+    assert hybrid.optimizer == fsdp.optimizer
+    zero2 = _state(stats, "deepspeed", 4, deepspeed="zero2", zero=read_zero_config("zero2"))
+    # (every tensor of the tiny model is below ZeRO-3's persistence threshold, which keeps small tensors whole)
+    zero3 = _state(stats, "deepspeed", 4, deepspeed="zero3",
+                   zero={**read_zero_config("zero3"), "stage3_param_persistence_threshold": 0})
+    assert zero2.optimizer == zero3.optimizer == 12 * stats.trainable / 4  # fp32 master + 2 Adam states, partitioned
+    assert zero2.gradients == zero3.gradients == 2 * stats.trainable / 4  # bf16, partitioned
+    assert zero2.weights == 2 * stats.total + stats.buffer_bytes and zero3.weights == 2 * stats.total / 4 + stats.buffer_bytes
+    offload = _state(stats, "deepspeed", 4, deepspeed="zero3-offload", zero=read_zero_config("zero3-offload"))
+    assert offload.optimizer == 0 and offload.host > 0
+
+
+def test_lora_counts_equal_peft(tokenizer):
+    from vlmkit.config import load_recipe
+    from vlmkit.models.build import build_model
+    from vlmkit.training.policy import apply_policy
+
+    overrides = ["stages.instruct.policy.language=lora", "stages.instruct.lora={r: 4, alpha: 8}"]
+    plan = plan_recipe("easyvqa-tiny", overrides, PlanOptions(gpus=1, gpu_memory=GB, stages=["instruct"], micro_batch=4,
+                                                                 seq_len=32, compare_checkpointing=False))
+    recipe = load_recipe("easyvqa-tiny", overrides)
+    model, _ = build_model(recipe.model, tokenizer=tokenizer)
+    apply_policy(model, recipe.stages[1].policy, recipe.stages[1].lora)
+    peft_trainable, _ = model.language.model.get_nb_trainable_parameters()
+    counts = {c.part: c for c in plan.stages[0].counts}
+    assert counts["language"].lora == counts["language"].trainable == peft_trainable > 0
+    assert plan.stages[0].stats.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_llava15_7b_fits_on_8_gpus_with_its_checkpointing():
+    plan = plan_recipe("llava15-7b", [], PlanOptions(gpus=8, gpu_memory=parse_memory("80GiB"), stages=["finetune"],
+                                                       compare_checkpointing=False))
+    stage = plan.stages[0]
+    counts = {c.part: c.total for c in stage.counts}
+    # CLIP ViT-L/14-336 + mlp2x_gelu + Vicuna-7B with one embedding row grown for <image>
+    assert counts == {"vision": 303_507_456, "connector": 20_979_712, "fusion": 0, "language": 6_738_415_616 + 2 * 4096}
+    assert stage.checkpointing and stage.micro == 16 and stage.accumulation == 1
+    assert stage.memory.fits(plan.hardware), format_plan(plan)
+    assert stage.memory.stored < 20 * GB  # layer inputs + the loss head, not 200 GB of activations
+    assert stage.step_flops > 6 * 7e9 * 128 * 2048 * 0.9  # ~6 x parameters x tokens, plus recomputation
+
+
+def test_known_architectures_are_plain_config_dicts():
+    arch = KNOWN_ARCHITECTURES.get("lmsys/vicuna-7b-v1.5")
+    assert arch.role == "language" and arch.config["hidden_size"] == 4096 and arch.tokenizer_size == 32000
+    assert {"openai/clip-vit-large-patch14-336", "google/siglip-so400m-patch14-384", "Salesforce/blip2-opt-2.7b"} <= set(
+        KNOWN_ARCHITECTURES.get(a).hub_id for a in KNOWN_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("text, size", [("80GB", 80 * GB), ("80GiB", 80 * 2**30), ("24G", 24 * GB), ("40000MB", 40 * GB),
+                                        ("1.5TB", 1500 * GB)])
+def test_memory_sizes(text, size):
+    assert parse_memory(text) == size
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser(prog="vlmkit")
+    add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *argv])
+    return args.func(args)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["easyvqa-tiny", "--gpu-memory", "80 gigs"], "--gpu-memory='80 gigs' is not a memory size"),
+    (["easyvqa-tiny", "--strategy", "zero"], "--strategy='zero' is not valid; choose one of"),
+    (["easyvqa-tiny", "--gpus", "3"], "batch_size=64 (the global batch) does not divide over 3 processes"),
+    (["easyvqa-tiny", "--gpus", "4", "--micro-batch", "3"], "is not a multiple of micro_batch_size=3 x 4"),
+    (["easyvqa-tiny", "--gpus", "4", "--nodes", "3"], "--gpus=4 does not spread evenly over --nodes=3"),
+    (["easyvqa-tiny", "--strategy", "fsdp", "--deepspeed", "zero3"], "--deepspeed=zero3 configures the deepspeed strategy"),
+    (["easyvqa-tiny", "--deepspeed", "zero9"], "shipped: zero2, zero3, zero3-offload"),
+    (["llava15-7b", "model.language.pretrained=org/unknown-7b"], "'org/unknown-7b' is neither a local folder nor"),
+])
+def test_bad_input_names_the_option(argv, message):
+    with pytest.raises(ConfigError) as info:
+        _cli(*argv)
+    assert message in str(info.value)
+
+
+def test_known_bad_combinations_are_flagged(tiny_plan):
+    from vlmkit.config import load_recipe
+    from vlmkit.planning.advice import FLAGS
+
+    recipe = load_recipe("easyvqa-tiny", ["train.strategy=none", "model.dtype=float16", "train.precision=bf16"])
+    plan = dataclasses.replace(tiny_plan, recipe=recipe, hardware=Hardware(2, 1, GB),
+                               setup=dataclasses.replace(tiny_plan.setup, strategy="none"))
+    flags = " ".join(line for name in FLAGS if (line := FLAGS.get(name)(plan, PlanOptions())))
+    assert "train.strategy=none runs one process, but 2 GPUs" in flags
+    assert "model.dtype=float16 under bf16 autocast" in flags
+    hybrid = dataclasses.replace(plan, setup=dataclasses.replace(plan.setup, strategy="fsdp", fsdp_sharding="hybrid"))
+    assert "on one node it is full sharding" in FLAGS.get("hybrid-on-one-node")(hybrid, PlanOptions())
+
+
+def test_advice_when_a_stage_does_not_fit(tiny_plan):
+    from vlmkit.planning.advice import add_advice
+
+    stage = copy.copy(tiny_plan.stages[0])
+    small = Hardware(1, 1, int(stage.memory.peak * 0.9))
+    plan = dataclasses.replace(tiny_plan, hardware=small, stages=[stage], flags=[], notes=[])
+    add_advice(plan, PlanOptions(gpus=1, gpu_memory=small.gpu_memory))
+    advice = " ".join(stage.advice)
+    assert not plan.fits and "gradient_checkpointing=true" in advice and "micro_batch_size=4" in advice
+    assert device_memory(stage.stats, plan.setup, small, stage.trace, stage.accumulation, stage.memory.batch).peak == pytest.approx(stage.memory.peak)
+    assert torch.get_default_device().type == "cpu"  # no meta device left set globally
