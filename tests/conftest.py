@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlmkit.config import ConnectorConfig, LanguageConfig, ModelConfig, TokenizerConfig, VisionConfig
 from vlmkit.processing.tokenizer import train_bpe_tokenizer
+from vlmkit.recipes.twin import TINY_LANGUAGE as TINY_LM, TINY_VISION  # noqa: F401  (the tiny shapes, shared with recipe twins)
 
 torch.set_num_threads(int(os.environ.get("VLMKIT_TEST_THREADS", "2")))
 
@@ -59,39 +60,8 @@ CORPUS = [
     "what shape is present? rectangle", "no yes black gray teal brown yellow", "A chat between a curious user",
 ] * 20
 
-TINY_LM = {
-    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 256},
-    "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 256},
-    "phi": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "max_position_embeddings": 256},
-    "mistral": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "max_position_embeddings": 256, "sliding_window": 16},
-    "opt": {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 32,
-            "max_position_embeddings": 256},
-    "vicuna": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "max_position_embeddings": 256},
-    "qwen3": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 256},
-    "flan_t5": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
-    "roberta": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "max_position_embeddings": 600, "type_vocab_size": 1},
-    "chinchilla": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 4, "max_position_embeddings": 256},
-}
 #: answer vocabulary for encoder-only (classification) backbones in tests
 TINY_ANSWERS = ["yes", "no", "blue", "red", "circle"]
-
-TINY_VISION = {
-    "clip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "siglip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "vit": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "resnet": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"},
-    "convnext": {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
-    "bit": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "num_groups": 4, "layer_type": "bottleneck"},
-}
-
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():

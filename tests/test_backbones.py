@@ -19,6 +19,7 @@ from vlmkit.formats import load_model, save_model
 from vlmkit.models.connectors import CONNECTORS
 from vlmkit.models.language import BACKBONES, NotGenerativeError
 from vlmkit.processing.templates import Message
+from vlmkit.recipes.twin import TINY_CONNECTOR_OPTIONS
 from vlmkit.registry import RegistryError
 from vlmkit.training.policy import apply_policy
 
@@ -53,12 +54,6 @@ def family_config(backbone: str, lm: dict | None = None, **kw):
     return cfg
 
 
-#: small settings for connectors whose defaults are sized for real towers
-TINY_CONNECTOR_OPTIONS = {
-    "qformer": {"num_queries": 4, "num_layers": 1, "num_heads": 2},
-    "resampler": {"num_latents": 4, "depth": 1, "num_heads": 2, "head_dim": 8},
-    "c_abstractor": {"num_queries": 4, "depth": 1},
-}
 
 
 def test_every_seed_family_is_registered():

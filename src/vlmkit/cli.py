@@ -86,9 +86,27 @@ def _rows_deepspeed() -> list[tuple[str, ...]]:
 
 
 def _rows_recipes() -> list[tuple[str, ...]]:
-    from vlmkit.recipes import list_recipes, recipe_description
+    from vlmkit.config import BENCHMARKS, load_recipe
+    from vlmkit.planning import parameter_counts
+    from vlmkit.recipes import list_recipes
 
-    return [(n, recipe_description(n)) for n in list_recipes()]
+    rows = []
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        published = recipe.published
+        total = sum(parameter_counts(recipe.model).values())
+        scores = ", ".join(f"{b} {published.scores[b]:g}" for b in BENCHMARKS if b in published.scores)
+        rows.append((name, published.system or recipe.description.split(".")[0], _human(total), published.gpus or "CPU",
+                     scores or "-"))
+    return rows
+
+
+def _human(n: int) -> str:
+    """``7.06B``, ``547.9K``: a parameter count at a glance."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
 
 
 LISTS: dict[str, tuple[tuple[str, ...], Callable[[], list[tuple[str, ...]]]]] = {
@@ -96,7 +114,7 @@ LISTS: dict[str, tuple[tuple[str, ...], Callable[[], list[tuple[str, ...]]]]] = 
     "connectors": (("id", "description"), _rows_connectors),
     "backbones": (("family", "kind", "model_type", "sizes", "template", "width from", "used by"), _rows_backbones),
     "templates": (("id", "notes"), _rows_templates),
-    "recipes": (("recipe", "description"), _rows_recipes),
+    "recipes": (("recipe", "system", "parameters", "trained on", "published scores (VQAv2 test-dev, MME perception)"), _rows_recipes),
     "formats": (("format", "vlmkit can", "detected by", "description"), _rows_formats),
     "strategies": (("strategy", "description", "here"), _rows_strategies),
     "deepspeed": (("config", "ZeRO stage", "offload", "file"), _rows_deepspeed),
@@ -157,6 +175,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmkit.training.trainer import TrainingStopped
 
     recipe = load_recipe(args.recipe, args.overrides + (["model.allow_pickle=true"] if args.allow_pickle else []))
+    if args.tiny_twin:
+        from vlmkit.recipes.twin import tiny_twin
+
+        recipe = tiny_twin(recipe, f"{recipe.train.output_dir.rstrip('/')}-twin")
+        log.info("training the tiny twin of %s (its architecture kinds and stage policies, small and random, on easy-VQA) "
+                 "in %s", args.recipe, recipe.train.output_dir)
     stages = args.stages.split(",") if args.stages else None
     try:
         summary = run_training(recipe, only_stages=stages, evaluate=not args.no_eval)
@@ -417,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help="comma-separated stages to run; earlier ones must be complete")
     p.add_argument("--no-eval", action="store_true", help="skip the recipe's evaluation")
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    p.add_argument("--tiny-twin", action="store_true",
+                   help="train the recipe's tiny twin instead: the same architecture kinds, stage policies and export formats, "
+                        "with small random parts on easy-VQA for a few steps (a CPU check of the whole pipeline, into OUTPUT_DIR-twin)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train the embedded easy-VQA model, evaluate it and answer a question",

@@ -246,6 +246,10 @@ class StageConfig:
     """Per-part multipliers of ``lr`` (e.g. ``{vision: 3}``; LLaVA's separate projector lr is ``{connector: ...}``)."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2) (BLIP-2: 0.9, 0.98)."""
+    eps: float = 1e-8
+    """AdamW's epsilon."""
     warmup_ratio: float = 0.03
     """Fraction of steps of linear warmup before the cosine decay."""
     min_lr_ratio: float = 0.0
@@ -307,6 +311,9 @@ class StageConfig:
             if part not in PARTS:
                 raise ConfigError(f"{where}.lr_scale has unknown part {part!r}; valid parts: {', '.join(PARTS)}")
             _check_positive(f"{where}.lr_scale.{part}", scale)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{where}.betas={self.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _check_positive(f"{where}.eps", self.eps)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{where}.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -410,12 +417,42 @@ class EvalConfig:
         return values + [f"{self.task}.{role}={path}" for role, path in self.files.items()]
 
 
+#: benchmark names a recipe's published scores may use (``vlmkit list recipes`` shows them in this order)
+BENCHMARKS = ("VQAv2", "GQA", "VizWiz", "ScienceQA-IMG", "ScienceQA", "TextVQA", "POPE", "MME", "MMBench", "MM-Vet",
+              "OK-VQA", "COCO-CIDEr")
+
+
+@dataclass
+class PublishedConfig:
+    """What the system a recipe reproduces published, so a user knows what a faithful run should reach."""
+
+    system: str = ""
+    """The system's name as published (e.g. ``LLaVA-1.5-7B``)."""
+    source: str = ""
+    """Where the recipe's numbers come from: the paper (arXiv id, section, table) and/or the official
+    repository's training script."""
+    gpus: str = ""
+    """The hardware the published run used (e.g. ``8 x A100-80GB``)."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Headline scores the paper reports, by benchmark (see :data:`BENCHMARKS`); MME is perception."""
+    notes: str = ""
+    """Where the recipe departs from the publication, and why."""
+
+    def __post_init__(self) -> None:
+        for name, value in self.scores.items():
+            _check_choice("published.scores", name, BENCHMARKS)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"published.scores.{name}={value!r} must be a number")
+
+
 @dataclass
 class RecipeConfig:
     name: str = "custom"
     """Recipe name."""
     description: str = ""
-    """One line on what the recipe trains."""
+    """One line on what the recipe trains and where its numbers come from."""
+    published: PublishedConfig = field(default_factory=PublishedConfig)
+    """The published system the recipe reproduces (shown by ``vlmkit list recipes``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)
     """Training stages, run in order."""

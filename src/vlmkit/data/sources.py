@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from vlmkit.config import DataConfig
@@ -51,10 +50,23 @@ SourceFn = Callable[[DataConfig], SourceResult]
 SOURCES: Registry[SourceFn] = Registry("data source")
 
 
+class _RenderOnly:
+    """Stands in for the tokenizer still to be trained when templates render its training text: the
+    BPE's end-of-text as BOS/EOS, and no special tokens of its own around a text."""
+
+    bos_token = eos_token = BPE_EOS
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [0]}
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return ["" for _ in ids]
+
+
 def iter_texts(samples: list[Sample], template: Any = None, system_prompt: str | None = None) -> Iterator[str]:
     """Text of ``samples`` for tokenizer training: each conversation rendered by ``template`` (so the
     template's own markers are learned too), or the raw message texts without one."""
-    stub = SimpleNamespace(bos_token=BPE_EOS, eos_token=BPE_EOS)
+    stub = _RenderOnly()
     for s in samples:
         if template is None:
             yield from (m.content for m in s.messages)

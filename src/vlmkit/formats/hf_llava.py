@@ -148,6 +148,9 @@ class HFLlavaFormat(ModelFormat):
             problems.append(Problem("language", f"the {language.spec.name} backbone is {language.spec.kind}; LLaVA needs a decoder-only LM"))
         elif type(language.config) not in transformers.AutoModel._model_mapping or not hasattr(language.hf_model, "lm_head"):
             problems.append(Problem("language", f"{type(language.hf_model).__name__} has no AutoModel base or lm_head"))
+        elif getattr(language.hf_model.lm_head, "bias", None) is not None:
+            problems.append(Problem("language", f"the {language.spec.name} LM head has a bias (Phi's does); "
+                                                "LlavaForConditionalGeneration's lm_head has none"))
         if getattr(processor.template, "images_first", False):
             problems.append(Problem("processor", f"template {processor.template.name!r} puts images before the BOS token; "
                                                  "a LLaVA chat template cannot"))

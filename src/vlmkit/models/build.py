@@ -22,7 +22,7 @@ from vlmkit.models.vision import build_vision_encoder
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.processing.image import ImageTransform
 from vlmkit.processing.processor import VLMProcessor
-from vlmkit.processing.templates import TEMPLATES, resolve_template
+from vlmkit.processing.templates import TEMPLATES, resolve_template, template_markers
 from vlmkit.processing.tokenizer import load_tokenizer, prepare_tokenizer, train_bpe_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,7 +40,7 @@ def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None) -> Any
     elif tok_cfg.train_vocab_size:
         if texts is None:
             raise ValueError("model.language.tokenizer.train_vocab_size is set but no training text was given to train it on")
-        tokenizer = train_bpe_tokenizer(texts, tok_cfg.train_vocab_size)
+        tokenizer = train_bpe_tokenizer(texts, tok_cfg.train_vocab_size, template_markers(cfg.template))
     elif cfg.language.pretrained:
         tokenizer = load_tokenizer(resolve_pretrained(cfg.language.pretrained), cfg.trust_remote_code)
     else:

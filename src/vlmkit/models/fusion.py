@@ -267,11 +267,12 @@ class GatedCrossAttentionFusion(Fusion):
             empty = MediaContext(embeds.new_zeros(b, 1, embeds.shape[-1]), torch.zeros(b, 1, dtype=torch.bool, device=embeds.device))
             return embeds, {MEDIA_KWARG: empty}
         b, m, h = input_ids.shape[0], features.shape[1], features.shape[-1]
-        most = int(image_counts.max()) if image_counts.numel() else 0
+        counts = image_counts.tolist()  # read once (one device sync); `vlmkit plan` traces with fake tensors around it
+        most = max(counts, default=0)
         media = features.new_zeros(b, max(most, 1) * m, h)
         mask = torch.zeros(b, max(most, 1) * m, dtype=torch.bool, device=features.device)
         start = 0
-        for row, count in enumerate(image_counts.tolist()):
+        for row, count in enumerate(counts):
             media[row, : count * m] = features[start : start + count].reshape(-1, h)
             mask[row, : count * m] = True
             start += count

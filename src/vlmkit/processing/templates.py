@@ -249,6 +249,19 @@ TEMPLATES.register(
         ),
     ),
 )
+# Bunny's "bunny" and LLaVA-Phi's "phi_v0" conversation (the same string): Vicuna v1's wording with
+# the tokenizer's end-of-text as the turn end and no BOS (Phi-2's tokenizer has none of its own)
+TEMPLATES.register(
+    "bunny",
+    FormatTemplate(
+        name="bunny", system="{content}", first_separator=" ", user="USER: {content} ", assistant_prefix="ASSISTANT:",
+        assistant=" {content}{eos}", bos=False, stop=("{eos}",),
+        default_system=(
+            "A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions."
+        ),
+    ),
+)
 TEMPLATES.register(
     "llama3",
     FormatTemplate(
@@ -266,6 +279,18 @@ TEMPLATES.register(
         stop=("<|im_end|>",),
     ),
 )
+
+
+def template_markers(name: str | None) -> tuple[str, ...]:
+    """The ``<|...|>`` markers a named template writes (Llama 3's ``<|start_header_id|>`` ...), which a
+    tokenizer trained for it should hold as special tokens; none for ``tokenizer``/``auto``/unknown."""
+    import re
+
+    template = TEMPLATES.get(name) if name and name in TEMPLATES else None
+    if not isinstance(template, FormatTemplate):
+        return ()
+    text = " ".join(str(getattr(template, f)) for f in ("system", "user", "assistant_prefix", "assistant", "assistant_suffix"))
+    return tuple(dict.fromkeys(re.findall(r"<\|[A-Za-z0-9_]+\|>", text)))
 
 
 def resolve_template(name: str, tokenizer: Any, backbone_default: str) -> ChatTemplate:

@@ -17,15 +17,17 @@ BPE_EOS = "<|endoftext|>"
 BPE_SPECIALS = (BPE_EOS, "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, extra_specials: Iterable[str] = ()) -> transformers.PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``.
 
     The result has ``<|endoftext|>`` as BOS/EOS/PAD, the ChatML markers and ``<image>`` as special
-    tokens, and can encode any string (every byte is in the base alphabet).
+    tokens, and can encode any string (every byte is in the base alphabet). ``extra_specials``: more
+    special tokens (a chat template's markers, e.g. Llama 3's ``<|eot_id|>``), after those.
 
     Raises:
         ValueError: ``vocab_size`` below 300.
     """
+    extra = [t for t in dict.fromkeys(extra_specials) if t not in BPE_SPECIALS]
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE (needs >= 300)")
     tok = Tokenizer(models.BPE())
@@ -34,7 +36,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers.P
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(BPE_SPECIALS),
+        special_tokens=[*BPE_SPECIALS, *extra],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -44,7 +46,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers.P
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", IMAGE_TOKEN],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", IMAGE_TOKEN, *extra],
     )
 
 

@@ -242,7 +242,7 @@ def load_checkpoint(folder: str | Path, strategy, info: dict[str, Any]) -> LoopS
     saved_groups = state.get("param_groups") or []
     if len(saved_groups) == len(optim_state.get("param_groups", [])):
         for group, saved in zip(optim_state["param_groups"], saved_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k != "params"})
     strategy.load_state_dicts(model_state, optim_state)
     strategy.scheduler.load_state_dict(state["scheduler"])
     rng = folder / f"rng-{dist.rank()}.json"

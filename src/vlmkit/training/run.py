@@ -32,7 +32,7 @@ from vlmkit.data.answers import answer_vocabulary
 from vlmkit.fileio import write_json_atomic
 from vlmkit.models.build import backbone_spec, build_model
 from vlmkit.formats import export_model, save_model
-from vlmkit.processing.templates import TEMPLATES
+from vlmkit.processing.templates import TEMPLATES, template_markers
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.training.lora import merge_lora
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
@@ -282,7 +282,7 @@ def _tokenizer(recipe: RecipeConfig, out: Path, sources: dict) -> Any:
             name = stage.data.template or recipe.model.template
             template = TEMPLATES.get(name) if name in TEMPLATES else None
             texts += iter_texts(sources[stage.name].samples, template, recipe.model.system_prompt)
-        tokenizer = train_bpe_tokenizer(texts, size)
+        tokenizer = train_bpe_tokenizer(texts, size, template_markers(recipe.model.template))
         with atomic_directory(tok_dir) as tmp:
             tokenizer.save_pretrained(tmp)
         log.info("trained a %d-token BPE tokenizer on %d texts -> %s", len(tokenizer), len(texts), tok_dir)

@@ -103,14 +103,16 @@ def batch_plan(stage: StageConfig, processes: int | None = None) -> BatchPlan:
 
 
 def _param_groups(params: list[tuple[str, torch.nn.Parameter]], stage: StageConfig) -> list[dict[str, Any]]:
-    """AdamW groups: per part (its lr scale) x decay / no decay (biases and norms are not decayed)."""
+    """AdamW groups: per part (its lr scale) x decay / no decay (biases and norms are not decayed), with
+    the stage's betas and epsilon."""
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in params:
         part = name.split(".", 1)[0]
         decays = p.ndim >= 2 and "norm" not in name.lower()
         groups.setdefault((part, decays), []).append(p)
     return [
-        {"params": ps, "weight_decay": stage.weight_decay if decays else 0.0, "lr": stage.lr * stage.lr_scale.get(part, 1.0)}
+        {"params": ps, "weight_decay": stage.weight_decay if decays else 0.0, "lr": stage.lr * stage.lr_scale.get(part, 1.0),
+         "betas": tuple(stage.betas), "eps": stage.eps}
         for (part, decays), ps in groups.items()
     ]
 

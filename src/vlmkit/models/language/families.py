@@ -31,12 +31,15 @@ ADAPTERS: dict[str, type[LanguageModel]] = {
 }
 
 def _chinchilla(d_model: int, layers: int, heads: int) -> dict[str, Any]:
-    """Chinchilla's shape parameters (Hoffmann et al. 2022) as Llama config fields: feed-forward
-    width 4 x d_model, 2,048-token context. The vocabulary comes from the tokenizer (Chinchilla's
+    """Chinchilla's shape parameters (Hoffmann et al. 2022) as Llama config fields, 2,048-token
+    context. Chinchilla's feed-forward is 4 x d_model wide with two matrices; the Llama layer's gated
+    MLP has three, so the same parameter count is 8/3 x d_model, rounded up to a multiple of 256 as
+    LLaMA rounds it (11,008 at d_model 4,096). The vocabulary comes from the tokenizer (Chinchilla's
     was a 32k SentencePiece)."""
+    gated = -(-(8 * d_model // 3) // 256) * 256
     return {
         "hidden_size": d_model, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-        "intermediate_size": 4 * d_model, "max_position_embeddings": 2048,
+        "intermediate_size": gated, "max_position_embeddings": 2048,
     }
 
 
@@ -94,6 +97,9 @@ for _spec in (
         defaults={**_chinchilla(512, 8, 8), "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
         presets={
             "chinchilla-70b": _chinchilla(8192, 80, 64),  # the published Chinchilla: 80 layers, 64 heads of 128
+            # Flamingo's frozen LMs (Alayrac et al. 2022, Table 4): Flamingo-3B's 1.4B and Flamingo-9B's 7B
+            "chinchilla-1.4b": _chinchilla(2048, 24, 16),
+            "chinchilla-7b": _chinchilla(4096, 40, 32),
             "chinchilla-44m": _chinchilla(512, 8, 8),  # smallest model of the scaling grid
             "chinchilla-tiny": _chinchilla(128, 2, 2),  # scaled down by us for CPU experiments and tests
         },

@@ -50,6 +50,8 @@ class VisionTowerSpec:
             tokens); ``None`` means one when ``has_cls``.
         patch_grid: the sequence is ``(S / patch_size)**2`` patches plus the prefix tokens, so its
             length follows from the config without a forward pass.
+        composite_prefix: where the tower's weights sit in a composite checkpoint of the family (BLIP-2's
+            ``vision_model``), when the tower class does not hold that attribute itself (CLIP's does).
     """
 
     name: str
@@ -65,6 +67,7 @@ class VisionTowerSpec:
     default_config: dict = field(default_factory=dict)
     prefix_tokens: int | None = None
     patch_grid: bool = True
+    composite_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

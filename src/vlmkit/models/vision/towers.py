@@ -74,7 +74,7 @@ for _spec in (
         name="blip2", model_class="Blip2VisionModel", config_class="Blip2VisionConfig",
         model_types=("blip_2_vision_model",), layout="sequence", has_cls=True,
         mean=CLIP_MEAN, std=CLIP_STD, description="BLIP-2's EVA-style ViT (fused qkv); its post-layernorm is the Q-Former's vision_norm",
-        example="Salesforce/blip2-opt-2.7b",
+        example="Salesforce/blip2-opt-2.7b", composite_prefix="vision_model",
     ),
     VisionTowerSpec(
         name="automodel", model_class="AutoModel", config_class="", model_types=(ANY_MODEL_TYPE,), layout="auto",
@@ -226,8 +226,11 @@ def build_vision_encoder(
     pre: dict[str, Any] = {}
     if pretrained:
         hf_config = transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        load_kwargs: dict[str, Any] = {}
         if not spec.generic and hf_config.model_type not in spec.model_types and hasattr(hf_config, "vision_config"):
-            hf_config = hf_config.vision_config
+            hf_config = hf_config.vision_config  # a composite checkpoint (CLIP, BLIP-2): its vision tower only
+            if spec.composite_prefix:
+                load_kwargs["key_mapping"] = {"^" + spec.composite_prefix + r"\.": ""}
         if not spec.generic and hf_config.model_type not in spec.model_types:
             hint = _named_family(hf_config.model_type) or _generic_family()
             raise ValueError(
@@ -235,7 +238,8 @@ def build_vision_encoder(
                 f"(accepts {', '.join(spec.model_types)}); use model.vision.encoder={hint}"
             )
         override_fields(hf_config, config, "model.vision.config")
-        tower = load_safetensors(model_cls, pretrained, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+        tower = load_safetensors(model_cls, pretrained, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 **load_kwargs)
         pre = read_preprocessor(pretrained)
     elif spec.generic:
         if "model_type" not in config:
