@@ -15,9 +15,14 @@ Configurations: ``tiny`` is the shipped easyvqa-tiny recipe (0.55M parameters: B
 MLP, 2-layer Llama), stage ``align`` (everything trains); ``20M`` is easyvqa-llava with a larger CLIP
 tower (256 wide, 4 layers, 64 visual tokens) and Llama (512 wide, 5 layers, 4096-token vocabulary):
 21.8M parameters, stage ``align``; ``20M-frozen-lm`` trains only its connector (LLaVA's stage 1).
-Each runs with activation checkpointing off and on.
+``t5`` swaps easyvqa-tiny's language model for a 2+2-layer Flan-T5 (encoder-decoder: 32 encoder tokens,
+16 answer tokens for the decoder), ``t5-frozen-lm`` trains only its connector (BLIP-2's stages);
+``xattn`` is easyvqa-llava with gated cross-attention fusion before every layer (each image one
+placeholder in the text, its 16 visual tokens through the blocks), ``xattn-frozen-lm`` trains the
+connector and the blocks around the frozen language model (Flamingo). Each runs with activation
+checkpointing off and on.
 
-    python bench/plan_memory.py                 # all rows (about 2-3 minutes on 2 cores)
+    python bench/plan_memory.py                 # all rows (about 3-4 minutes on 2 cores)
     python bench/plan_memory.py --only tiny     # one configuration
 """
 
@@ -39,12 +44,21 @@ MID = [
     "num_key_value_heads: 8, vocab_size: 4096, max_position_embeddings: 512, tie_word_embeddings: true}",
 ]
 FROZEN_LM = ["stages.align.policy={vision: frozen, connector: full, language: frozen}"]
+T5 = ["model.language.backbone=flan_t5",
+      "model.language.config={d_model: 128, d_ff: 256, d_kv: 32, num_heads: 4, num_layers: 2, num_decoder_layers: 2}"]
+XATTN = ["model.fusion.type=cross_attention", "model.fusion.options={every: 1}"]
 
-#: name -> (recipe, overrides, stage, rows, tokens per row)
+#: name -> (recipe, overrides, stage, rows, tokens per row (the encoder's, for Flan-T5), answer tokens (Flan-T5))
 CONFIGS = {
-    "tiny": ("easyvqa-tiny", [], "align", 64, 32),
-    "20M": ("easyvqa-llava", MID, "align", 8, 256),
-    "20M-frozen-lm": ("easyvqa-llava", MID + FROZEN_LM, "align", 8, 256),
+    "tiny": ("easyvqa-tiny", [], "align", 64, 32, 0),
+    "20M": ("easyvqa-llava", MID, "align", 8, 256, 0),
+    "20M-frozen-lm": ("easyvqa-llava", MID + FROZEN_LM, "align", 8, 256, 0),
+    "t5": ("easyvqa-tiny", T5, "align", 32, 32, 16),
+    "t5-frozen-lm": ("easyvqa-tiny", T5 + FROZEN_LM, "align", 32, 32, 16),
+    "xattn": ("easyvqa-llava", XATTN, "align", 32, 32, 0),
+    "xattn-frozen-lm": ("easyvqa-llava",
+                        XATTN + ["stages.align.policy={vision: frozen, connector: full, fusion: full, language: frozen}"],
+                        "align", 32, 32, 0),
 }
 
 
@@ -58,21 +72,22 @@ def run(name: str, checkpointing: bool, steps: int) -> dict:
     from vlmkit.planning import PlanOptions, plan_recipe
     from vlmkit.planning.measure import measure_stage
 
-    recipe, overrides, stage, rows, seq_len = CONFIGS[name]
+    recipe, overrides, stage, rows, seq_len, answer_len = CONFIGS[name]
     overrides = [*overrides, f"train.gradient_checkpointing={str(checkpointing).lower()}",
                  f"stages.{stage}.batch_size={rows}", "train.precision=fp32", "model.dtype=float32"]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     start = time.time()
-    measured = measure_stage(recipe, overrides, stage, rows, seq_len, steps=steps)
+    measured = measure_stage(recipe, overrides, stage, rows, seq_len, steps=steps, answer_len=answer_len or 16)
     seconds = time.time() - start
-    # the plan's labelled positions per micro-batch: rows x round((tokens - visual - 1) x fraction)
-    fraction = measured.labelled / (rows * (measured.seq_len - measured.visual_tokens - 1))
+    # decoder-only: the plan's labelled positions per micro-batch are rows x round((tokens - visual - 1) x fraction)
+    fraction = measured.labelled / (rows * (measured.seq_len - measured.visual_tokens - 1)) if measured.kind == "decoder" else 1.0
     plan = plan_recipe(recipe, overrides, PlanOptions(
         gpus=1, gpu_memory=10**12, strategy="none", micro_batch=rows, seq_len=measured.seq_len, stages=[stage],
-        label_fraction=fraction, compare_checkpointing=False, foreach_adamw=False))
+        label_fraction=fraction, compare_checkpointing=False, foreach_adamw=False, answer_len=measured.answer_len or 128))
     planned = plan.stages[0]
+    shape = f"{rows}x{measured.seq_len}" + (f"+{measured.answer_len}" if measured.answer_len else "")
     return {"config": name, "checkpointing": "on" if checkpointing else "off", "params": measured.parameters,
-            "planned_params": planned.stats.total, "shape": f"{rows}x{measured.seq_len}",
+            "planned_params": planned.stats.total, "shape": shape,
             "stored_est": planned.memory.stored, "stored_meas": measured.stored,
             "peak_est": planned.memory.peak, "peak_meas": measured.peak, "seconds": seconds}
 

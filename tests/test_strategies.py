@@ -110,3 +110,56 @@ def test_strategy_none_on_several_processes_is_refused(monkeypatch):
     assert resolve_strategy(TrainConfig()).name == "ddp"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp
     assert resolve_strategy(TrainConfig()).name == "fsdp"
+
+
+def _xattn_model(tokenizer, seed: int = 0):
+    from conftest import seeded
+    from test_fusion import _batch, _xattn_config
+    from vlmkit.models.build import build_model
+
+    seeded(seed)
+    model, processor = build_model(_xattn_config(), tokenizer=tokenizer)
+    return model, _batch(processor)
+
+
+def test_a_copy_of_a_cross_attention_model_runs_its_own_blocks(tokenizer):
+    """The gated blocks run in hooks on the LM's layers; a deep copy (FSDP's and DeepSpeed's plain model
+    after a stage) must run the copy's blocks, not the original's."""
+    model, batch = _xattn_model(tokenizer)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    before = model.eval()(**inputs).logits
+    skeleton = meta_copy(model)
+    skeleton.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    retie(skeleton)
+    torch.testing.assert_close(skeleton.eval()(**inputs).logits, before, rtol=0, atol=0)
+    with torch.no_grad():
+        for block in skeleton.fusion.blocks:
+            block.attn_gate.fill_(1.0)  # opens the copy's gates only
+    assert not torch.allclose(skeleton(**inputs).logits, before)
+    torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_recomputes_the_cross_attention_blocks(tokenizer):
+    from vlmkit.config import LoraSettings
+    from vlmkit.training.policy import apply_policy
+    from vlmkit.training.trainer import enable_gradient_checkpointing
+
+    def kept_and_grads(checkpointing: bool):
+        model, batch = _xattn_model(tokenizer, seed=2)
+        apply_policy(model, {"connector": "full", "fusion": "full"}, LoraSettings())
+        with torch.no_grad():
+            for block in model.fusion.blocks:
+                block.attn_gate.fill_(0.5)  # open gates, so every block parameter gets a gradient
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = model(**batch).loss
+        loss.backward()
+        return sum(kept), [p.grad.clone() for p in model.fusion.parameters()]
+
+    plain, plain_grads = kept_and_grads(False)
+    ckpt, ckpt_grads = kept_and_grads(True)
+    assert ckpt < 0.6 * plain, (ckpt, plain)
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmkit.models.language.base import LanguageModel
 from vlmkit.registry import Registry
@@ -226,36 +227,28 @@ class GatedCrossAttentionFusion(Fusion):
         self.layer_ids = list(range(0, n_layers, every))
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(hidden, heads, ff_mult) for _ in self.layer_ids)
         self.to(language.dtype)
-        self._hooked: list[nn.ModuleList] = []  # a plain list: an attribute would register the LM's layers here
-        self._handles: list[Any] = []
 
     def tokens_per_image(self, num_visual_tokens: int) -> int:
         return 1
 
     def _attach(self, language: LanguageModel) -> None:
+        """Make layer ``i`` of the language model run block ``k`` first (``i = layer_ids[k]``).
+
+        The hook is one stateless function; which fusion and block a layer runs is an attribute of
+        the layer (not a submodule: the state dict is untouched), so a deep copy of the whole model
+        (FSDP's and DeepSpeed's plain copy after a stage) runs its own blocks, not the original's."""
         layers = decoder_layers(language.hf_model)
-        if self._hooked and self._hooked[0] is layers:
-            return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = [
-            layers[i].register_forward_pre_hook(self._hook(block, k), with_kwargs=True)
-            for k, (i, block) in enumerate(zip(self.layer_ids, self.blocks))
-        ]
-        self._hooked = [layers]
+        for k, i in enumerate(self.layer_ids):
+            layer = layers[i]
+            if not getattr(layer, "_vlm_hooked", False):
+                layer.register_forward_pre_hook(_run_block, with_kwargs=True)
+                object.__setattr__(layer, "_vlm_hooked", True)
+            object.__setattr__(layer, "_vlm_block", (self, k))
 
-    @staticmethod
-    def _hook(block: GatedCrossAttentionBlock, index: int):
-        def run(module: nn.Module, args: tuple, kwargs: dict):
-            context = kwargs.pop(MEDIA_KWARG, None)
-            if context is None:
-                return args, kwargs
-            if args:
-                return (block(args[0], context, index), *args[1:]), kwargs
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], context, index)
-            return args, kwargs
-
-        return run
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass (the blocks run in the layers' pre-hooks,
+        outside the ``forward`` transformers checkpoints, so they are checkpointed here)."""
+        self.checkpointed = True
 
     def embed(self, language, input_ids, is_image, features, image_counts):
         self._attach(language)
@@ -277,6 +270,25 @@ class GatedCrossAttentionFusion(Fusion):
             mask[row, : count * m] = True
             start += count
         return embeds, {MEDIA_KWARG: MediaContext(media.to(embeds.dtype), mask)}
+
+
+def _run_block(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a language-model layer: the gated cross-attention block ``layer._vlm_block``
+    names runs on the hidden states first, with the call's ``vlm_media`` context (none: the layer runs alone)."""
+    context = kwargs.pop(MEDIA_KWARG, None)
+    if context is None:
+        return args, kwargs
+    fusion, index = layer._vlm_block
+    block = fusion.blocks[index]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if getattr(fusion, "checkpointed", False) and torch.is_grad_enabled():
+        out = checkpoint(block, hidden, context, index, use_reentrant=False)
+    else:
+        out = block(hidden, context, index)
+    if args:
+        return (out, *args[1:]), kwargs
+    kwargs["hidden_states"] = out
+    return args, kwargs
 
 
 FUSIONS.register("prefix", lambda language, **options: PrefixFusion(**options))

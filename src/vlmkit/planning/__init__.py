@@ -16,7 +16,7 @@ _WHERE = {
     "KNOWN_ARCHITECTURES": "architectures", "KnownArchitecture": "architectures", "architecture_config": "architectures",
     "offline_model_config": "architectures", "add_plan_parser": "cli", "cmd_plan": "cli", "parse_memory": "cli",
     "Plan": "plan", "PlanOptions": "plan", "StagePlan": "plan", "plan_recipe": "plan", "format_plan": "report",
-    "parameter_counts": "skeleton",
+    "parameter_counts": "counts",
 }
 __all__ = sorted(_WHERE)
 

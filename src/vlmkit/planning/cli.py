@@ -50,6 +50,12 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--label-fraction", type=float, default=1.0,
                    help="share of text positions that carry labels (default: 1.0, every one; the upper bound)")
     p.add_argument("--images-per-sample", type=int, default=1, help="images in each sample (default: %(default)s)")
+    p.add_argument("--answer-len", type=int, default=128,
+                   help="encoder-decoder language models (Flan-T5): decoder tokens per sample, the answer; --seq-len "
+                        "is then the encoder's input (default: %(default)s)")
+    p.add_argument("--answers", type=int, default=None,
+                   help="encoder-only language models (RoBERTa) without model.answers: size of the answer vocabulary "
+                        "(default: 3129, VQAv2's usual one)")
     p.add_argument("--stage", dest="stages", action="append", default=None, metavar="NAME", help="plan only this stage (repeatable)")
     p.add_argument("--no-compare", action="store_true",
                    help="skip the column with the other activation-checkpointing setting (one trace less per stage)")
@@ -73,7 +79,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cpu_memory=parse_memory(args.cpu_memory, "--cpu-memory") if args.cpu_memory else None,
         strategy=args.strategy, deepspeed=args.deepspeed, micro_batch=args.micro_batch, seq_len=args.seq_len,
         label_fraction=args.label_fraction, images_per_sample=args.images_per_sample, stages=args.stages,
-        compare_checkpointing=not args.no_compare,
+        compare_checkpointing=not args.no_compare, answer_len=args.answer_len,
+        **({"answers": args.answers} if args.answers is not None else {}),
     )
     plan = plan_recipe(args.recipe, list(args.overrides or []), options)
     print(format_plan(plan))

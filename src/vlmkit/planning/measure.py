@@ -59,9 +59,52 @@ def profile_peak(run: Callable[[], None], alive_before: int) -> MeasuredPeak:
     return MeasuredPeak(before=alive_before, peak=alive_before + highest, end=alive_before + current)
 
 
-def caption_batch(processor: Any, rows: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A collated training batch of ``rows`` one-image captioning samples, every row exactly
-    ``seq_len`` tokens long (random words from the tokenizer's vocabulary fill the caption)."""
+def _longest(fits: Callable[[int], Any], limit: int) -> tuple[int, Any]:
+    """The largest ``n`` in ``[0, limit]`` with ``fits(n)`` not None (``fits`` is monotone), and that result."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) is not None else (low, middle - 1)
+    return low, fits(low)
+
+
+def _decoder_sample(encode, words, rows_rng, processor, seq_len, answer_len):
+    # "<image>" and a caption that fills the sequence
+    n, sample = _longest(lambda k: encode(0, " ".join(words[:k]), lambda e: e.input_ids.numel() <= seq_len), seq_len)
+    return sample if n else None
+
+
+def _seq2seq_sample(encode, words, rng, processor, seq_len, answer_len):
+    # a caption of answer_len tokens for the decoder, and a prompt that fills the encoder's sequence
+    n, _ = _longest(lambda k: encode(0, " ".join(words[:k]), lambda e: e.labels.numel() <= answer_len), answer_len)
+    caption = " ".join(words[:n])
+    _, sample = _longest(lambda k: encode(k, caption, lambda e: e.input_ids.numel() <= seq_len), seq_len)
+    return sample if n else None
+
+
+def _encoder_sample(encode, words, rng, processor, seq_len, answer_len):
+    # a VQA row: a prompt that fills the sequence, one of the model's answers
+    answer = rng.choice(processor.answers)
+    _, sample = _longest(lambda k: encode(k, answer, lambda e: e.input_ids.numel() <= seq_len), seq_len)
+    return sample
+
+
+#: per processor layout (the language model's kind): one sample of the asked shape
+_SAMPLES = {"decoder": _decoder_sample, "encoder-decoder": _seq2seq_sample, "encoder": _encoder_sample}
+
+
+def caption_batch(processor: Any, rows: int, seq_len: int, seed: int = 0, answer_len: int = 16) -> dict[str, torch.Tensor]:
+    """A collated training batch of ``rows`` one-image samples of one shape, in the processor's layout,
+    random words from the tokenizer's vocabulary filling the text:
+
+    * ``decoder``: ``<image>`` and a caption, every row exactly ``seq_len`` tokens long;
+    * ``encoder-decoder``: ``<image>`` and a prompt filling the encoder's ``seq_len`` tokens, a caption
+      of ``answer_len`` tokens for the decoder (``labels`` ``(rows, answer_len)``);
+    * ``encoder``: ``<image>`` and a prompt filling ``seq_len`` tokens, one of the model's answers (a VQA row).
+
+    Raises:
+        ValueError: no text fits next to the model's visual tokens.
+    """
     from PIL import Image
 
     from vlmkit.processing.processor import EncodingError
@@ -72,29 +115,27 @@ def caption_batch(processor: Any, rows: int, seq_len: int, seed: int = 0) -> dic
     samples = []
     for _ in range(rows):
         image = Image.new("RGB", (processor.image_transform.size,) * 2, tuple(rng.randrange(256) for _ in range(3)))
-        pool = [rng.choice(vocab) for _ in range(seq_len)]
+        words = [rng.choice(vocab) for _ in range(2 * seq_len + answer_len)]
 
-        def encode(words: int) -> Any:
+        def encode(prompt_words: int, reply: str, fits: Callable[[Any], bool]) -> Any:
+            prompt = " ".join(["<image>", *words[len(words) - prompt_words:]]) if prompt_words else "<image>"
             try:
-                encoded = processor.encode([Message("user", "<image>"), Message("assistant", " ".join(pool[:words]))], [image])
+                encoded = processor.encode([Message("user", prompt), Message("assistant", reply)], [image])
             except EncodingError:
                 return None
-            return encoded if encoded.input_ids.numel() <= seq_len else None
+            return encoded if fits(encoded) else None
 
-        low, high = 0, seq_len  # the longest caption that fits: encode(low) fits, encode(high + 1) does not
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if encode(middle) is not None else (low, middle - 1)
-        if low == 0:
-            raise ValueError(f"no caption fits in {seq_len} tokens next to this model's visual tokens")
-        samples.append(encode(low))
+        sample = _SAMPLES[processor.layout](encode, words, rng, processor, seq_len, answer_len)
+        if sample is None:
+            raise ValueError(f"no text fits in {seq_len} tokens next to this model's visual tokens")
+        samples.append(sample)
     batch = processor.collate(samples)
-    if batch["input_ids"].shape[1] < seq_len:  # pad every row to the asked length
-        extra = seq_len - batch["input_ids"].shape[1]
-        pad = processor.tokenizer.pad_token_id
-        batch["input_ids"] = nn.functional.pad(batch["input_ids"], (0, extra), value=pad)
-        batch["attention_mask"] = nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
-        batch["labels"] = nn.functional.pad(batch["labels"], (0, extra), value=-100)
+    widths = {"input_ids": (seq_len, processor.tokenizer.pad_token_id), "attention_mask": (seq_len, 0)}
+    if batch["labels"].dim() == 2:  # token labels: aligned with the ids (decoder) or the answer (encoder-decoder)
+        widths["labels"] = (seq_len if processor.layout == "decoder" else answer_len, -100)
+    for key, (width, value) in widths.items():  # pad every row to the asked shape
+        if batch[key].shape[1] < width:
+            batch[key] = nn.functional.pad(batch[key], (0, width - batch[key].shape[1]), value=value)
     return batch
 
 
@@ -104,8 +145,11 @@ class StageMeasurement:
 
     Attributes:
         parameters / trainable: of the real model.
-        rows / seq_len / labelled: the micro-batch (= the step's batch).
-        visual_tokens: per sample (one image each).
+        rows / seq_len / labelled: the micro-batch (= the step's batch); ``labelled`` counts the targets
+            the loss sums over (label positions, answer tokens, or rows of an encoder-only model).
+        visual_tokens: placeholders per sample in the sequence (one image each).
+        answer_len: decoder tokens per sample of an encoder-decoder model, else 0.
+        kind: the language model's kind (decoder, encoder-decoder, encoder).
         weights / gradients / optimizer: bytes of those tensors (gradients after a backward).
         stored: bytes allocated by the forward and still held when it returns (activations kept for backward).
         peak: the profiler's peak over the steps (see :func:`profile_peak`), weights and batch included.
@@ -122,20 +166,24 @@ class StageMeasurement:
     optimizer: int
     stored: int
     peak: int
+    answer_len: int = 0
+    kind: str = "decoder"
 
 
 def measure_stage(recipe: str, overrides: list[str], stage_name: str, rows: int, seq_len: int, steps: int = 3,
-                  seed: int = 0) -> StageMeasurement:
+                  seed: int = 0, answer_len: int = 16) -> StageMeasurement:
     """Build ``recipe``'s model for real (random weights, a BPE tokenizer trained on a small corpus),
     apply stage ``stage_name``'s policy (and activation checkpointing when the recipe asks for it), and
-    train ``steps`` AdamW steps of one ``rows`` x ``seq_len`` caption batch: ``model(**batch).loss.backward()``,
-    ``step()``, ``zero_grad(set_to_none=True)``, as the trainer does on one process.
+    train ``steps`` AdamW steps of one ``rows`` x ``seq_len`` batch (:func:`caption_batch`; ``answer_len``
+    decoder tokens for an encoder-decoder model): ``model(**batch).loss.backward()``, ``step()``,
+    ``zero_grad(set_to_none=True)``, as the trainer does on one process.
 
     Raises:
         ConfigError: a bad recipe, override or stage name.
     """
     from vlmkit.config import load_recipe
     from vlmkit.models.build import build_model
+    from vlmkit.models.vlm import TARGET_KEYS
     from vlmkit.planning.trace import enable_checkpointing
     from vlmkit.processing.tokenizer import train_bpe_tokenizer
     from vlmkit.training.policy import apply_policy
@@ -150,8 +198,8 @@ def measure_stage(recipe: str, overrides: list[str], stage_name: str, rows: int,
     apply_policy(model, stage.policy, stage.lora)
     if config.train.gradient_checkpointing:
         enable_checkpointing(model)
-    batch = caption_batch(processor, rows, seq_len, seed)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_counts", "labels")}
+    batch = caption_batch(processor, rows, seq_len, seed, answer_len)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_counts", *TARGET_KEYS) if k in batch}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -173,7 +221,8 @@ def measure_stage(recipe: str, overrides: list[str], stage_name: str, rows: int,
     optimizer.zero_grad(set_to_none=True)
     return StageMeasurement(
         parameters=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in params), rows=rows,
-        seq_len=int(batch["input_ids"].shape[1]), labelled=int((batch["labels"][:, 1:] != -100).sum()),
-        visual_tokens=model.num_image_tokens,        weights=tensor_bytes(model.parameters()), gradients=gradients,
+        seq_len=int(batch["input_ids"].shape[1]), labelled=model.count_targets(batch),
+        visual_tokens=model.num_image_tokens, weights=tensor_bytes(model.parameters()), gradients=gradients,
         optimizer=tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()),
-        stored=stored.end, peak=peak.peak)
+        stored=stored.end, peak=peak.peak,
+        answer_len=int(batch["labels"].shape[1]) if processor.layout == "encoder-decoder" else 0, kind=processor.layout)

@@ -51,9 +51,12 @@ class DeviceMemory:
         return self.peak <= hw.gpu_memory
 
 
-def batch_bytes(rows: int, seq_len: int, images: int, image_size: int) -> int:
-    """The collated micro-batch on the device: int64 ids, mask and labels, float32 pixels."""
-    return 3 * 8 * rows * seq_len + 8 * rows + 4 * images * 3 * image_size * image_size
+def batch_bytes(rows: int, seq_len: int, images: int, image_size: int, target_elements: int | None = None) -> int:
+    """The collated micro-batch on the device: int64 ids and mask ``(rows, seq_len)``, int64 targets
+    (``target_elements``; default: labels aligned with the ids, as decoder-only models take them), the
+    images per row and float32 pixels."""
+    targets = rows * seq_len if target_elements is None else target_elements
+    return 2 * 8 * rows * seq_len + 8 * targets + 8 * rows + 4 * images * 3 * image_size * image_size
 
 
 def device_memory(stats: ParameterStats, setup: Setup, hw: Hardware, trace: MicroBatchTrace, accumulation: int,

@@ -4,6 +4,12 @@
 device (:mod:`.skeleton`), and for each stage traces one micro-batch on fake tensors (:mod:`.trace`)
 with and without activation checkpointing, then places weights, gradients and optimizer states by
 strategy (:mod:`.sharding`) and composes the peak (:mod:`.memory`). Nothing is downloaded or allocated.
+
+The micro-batch follows the language model's kind (:mod:`.losses`): decoder-only rows of ``seq_len``
+tokens with aligned labels; encoder-decoder rows of ``seq_len`` encoder tokens and ``answer_len``
+decoder tokens; encoder-only rows of ``seq_len`` tokens with one answer index each. With
+cross-attention fusion an image takes one placeholder in the sequence and its visual tokens enter
+through the fusion blocks.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.config import STRATEGIES, ConfigError, RecipeConfig, StageConfig, load_recipe
+from vlmkit.planning.architectures import saved_model_config
+from vlmkit.planning.losses import KIND_LOSSES
 from vlmkit.planning.memory import DeviceMemory, batch_bytes, device_memory
 from vlmkit.planning.parameters import ParameterStats, parameter_stats
 from vlmkit.planning.sharding import SHARDING, Hardware, Setup, read_zero_config
-from vlmkit.planning.skeleton import PartCount, build_meta_model, stage_skeleton
+from vlmkit.planning.skeleton import DEFAULT_ANSWERS, PartCount, build_meta_model, stage_skeleton
 from vlmkit.planning.trace import MicroBatch, MicroBatchTrace, trace_micro_batch
 
 
@@ -40,6 +48,10 @@ class PlanOptions:
         label_fraction: share of the text positions that carry a label (the LM head and the loss run
             on those only); 1.0, every text position, is the upper bound.
         images_per_sample: images in each sample.
+        answer_len: decoder tokens per sample of an encoder-decoder language model (the answer; the
+            processor does not cap it, so this is an assumption to set from the data).
+        answers: answer vocabulary size of an encoder-only model whose recipe has no ``model.answers``
+            yet (`vlmkit train` builds them from the data).
         stages: plan only these stages (names); all when None.
         compare_checkpointing: also trace the other activation-checkpointing setting, for the
             comparison column (one more trace per stage).
@@ -57,6 +69,8 @@ class PlanOptions:
     seq_len: int | None = None
     label_fraction: float = 1.0
     images_per_sample: int = 1
+    answer_len: int = 128
+    answers: int = DEFAULT_ANSWERS
     stages: list[str] | None = None
     compare_checkpointing: bool = True
     foreach_adamw: bool = True
@@ -69,6 +83,9 @@ class PlanOptions:
             raise ConfigError(f"--gpus={self.gpus} does not spread evenly over --nodes={self.nodes}; use a multiple of {self.nodes}")
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy={self.strategy!r} is not valid; choose one of {', '.join(STRATEGIES)}")
+        for name in ("answer_len", "answers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be at least 1")
         for name in ("micro_batch", "seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -84,6 +101,12 @@ class StagePlan:
     """One stage's plan on one device.
 
     Attributes:
+        visual_tokens: image placeholders per sample in the language sequence.
+        media_tokens: visual tokens per sample the connector emits (= ``visual_tokens`` for prefix
+            fusion; with cross-attention they reach the language model through the fusion blocks).
+        answer_len: decoder tokens per sample (encoder-decoder), else 0.
+        kind: the language model's kind (decoder, encoder-decoder, encoder).
+        labelled: targets per micro-batch (label positions; answer tokens; rows for encoder-only).
         memory: the estimate under the recipe's activation checkpointing setting.
         other: the estimate with the other setting (None when not compared).
         trace: the traced micro-batch behind ``memory``.
@@ -103,6 +126,9 @@ class StagePlan:
     other: DeviceMemory | None
     trace: MicroBatchTrace
     step_flops: int
+    media_tokens: int = 0
+    answer_len: int = 0
+    kind: str = "decoder"
     advice: list[str] = field(default_factory=list)
 
 
@@ -156,11 +182,15 @@ def plan_recipe(recipe: str | Path, overrides: list[str] | None = None, options:
 
     Raises:
         ConfigError: a bad recipe, override or option; a global batch that does not split over the
-            devices; a pretrained source that cannot be sized offline.
+            devices; a pretrained source that cannot be sized offline (a whole saved model is sized from
+            a vlmkit model folder's description).
         ValueError: a model the builder refuses, or a sequence too short for the visual tokens.
     """
     options = options or PlanOptions()
     config = load_recipe(recipe, overrides or [])
+    saved = config.model.pretrained
+    if saved:  # training starts from the folder's own description (its dtype and max_length included)
+        config.model = saved_model_config(config.model)
     stages = config.stages
     if options.stages:
         unknown = [s for s in options.stages if s not in {st.name for st in stages}]
@@ -173,11 +203,20 @@ def plan_recipe(recipe: str | Path, overrides: list[str] | None = None, options:
     hw = Hardware(options.gpus, options.nodes, options.gpu_memory, options.cpu_memory)
     for stage in stages:  # a batch that does not split fails before the model is built
         _with_micro(stage, options).micro_and_accumulation(hw.gpus)
-    base, _ = build_meta_model(config.model)
+    base, _ = build_meta_model(config.model, options.answers)
     plans = [_plan_stage(config, stage, base, setup, hw, options) for stage in stages]
     positions = getattr(base.language.config, "max_position_embeddings", None)
     plan = Plan(recipe=config, source=str(recipe), hardware=hw, setup=setup, stages=plans, base_model=base,
                 max_positions=positions if isinstance(positions, int) else None)
+    if saved:
+        plan.notes.append(f"model.pretrained: the model is the one described in {saved} (vlmkit_config.json), its "
+                          f"max_length {config.model.max_length} and dtype {config.model.dtype} included")
+    note = KIND_LOSSES.get(base.language.spec.kind).note
+    if note:
+        plan.notes.append(note.format(answer_len=options.answer_len))
+    if base.language.spec.kind == "encoder" and not config.model.answers:
+        plan.notes.append(f"model.answers is empty (vlmkit train builds it from the data): the answer classifier is "
+                          f"sized for {options.answers:,} answers (--answers)")
     from vlmkit.planning.advice import add_advice
 
     add_advice(plan, options)
@@ -201,14 +240,17 @@ def _plan_stage(config: RecipeConfig, stage: StageConfig, base, setup: Setup, hw
     if visual >= seq_len:
         raise ValueError(f"stage {stage.name!r}: {options.images_per_sample} image(s) x {skeleton.num_image_tokens} visual tokens "
                          f"fill the whole {seq_len}-token sequence; raise model.max_length or --seq-len")
-    labelled = micro * max(1, round((seq_len - visual - 1) * options.label_fraction))
+    kind = KIND_LOSSES.get(skeleton.kind)
+    answer_len = options.answer_len if skeleton.kind == "encoder-decoder" else 0
+    labelled = kind.labelled(micro, seq_len - visual, answer_len, options.label_fraction)
     cast_to = SHARDING.get(setup.strategy).cast_to(setup)
     checkpointing = config.train.gradient_checkpointing
-    batch = batch_bytes(micro, seq_len, micro * options.images_per_sample, skeleton.image_size)
+    batch = batch_bytes(micro, seq_len, micro * options.images_per_sample, skeleton.image_size,
+                        kind.target_elements(micro, seq_len, answer_len))
 
     def estimate(with_checkpointing: bool) -> tuple[MicroBatchTrace, DeviceMemory]:
         shape = MicroBatch(micro, seq_len, options.images_per_sample, labelled, cast_to, setup.precision == "bf16",
-                           with_checkpointing)
+                           with_checkpointing, answer_len)
         trace = trace_micro_batch(skeleton.model, shape)
         return trace, device_memory(stats, setup, hw, trace, accumulation, batch)
 
@@ -217,4 +259,6 @@ def _plan_stage(config: RecipeConfig, stage: StageConfig, base, setup: Setup, hw
     micro_batches = stage.batch_size // micro  # over all devices
     return StagePlan(stage=stage, counts=skeleton.counts, stats=stats, micro=micro, accumulation=accumulation,
                      seq_len=seq_len, visual_tokens=visual, labelled=labelled, checkpointing=checkpointing, memory=memory,
-                     other=other, trace=trace, step_flops=(trace.forward_flops + trace.backward_flops) * micro_batches)
+                     other=other, trace=trace, step_flops=(trace.forward_flops + trace.backward_flops) * micro_batches,
+                     media_tokens=options.images_per_sample * skeleton.media_tokens, answer_len=answer_len,
+                     kind=skeleton.kind)

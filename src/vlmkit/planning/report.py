@@ -41,8 +41,7 @@ def format_plan(plan: Any) -> str:
     ]
     first = plan.stages[0]
     parts = " + ".join(f"{c.part} {count(c.total - c.lora)}" for c in first.counts if c.total - c.lora)
-    lines.append(f"model: {first.stats.total - first.stats.lora:,} parameters ({parts}); "
-                 f"{_plural(first.visual_tokens, 'visual token')} per sample")
+    lines.append(f"model: {first.stats.total - first.stats.lora:,} parameters ({parts}); {_visual(first)}")
     for stage in plan.stages:
         lines += [""] + _stage_lines(plan, stage)
     for title, items in (("flags (known-bad combinations)", plan.flags), ("notes", plan.notes)):
@@ -53,6 +52,25 @@ def format_plan(plan: Any) -> str:
     return "\n".join(lines)
 
 
+def _visual(stage: Any) -> str:
+    """How the images of a sample reach the language model."""
+    if stage.media_tokens != stage.visual_tokens:  # cross-attention: placeholders in the text, features in the blocks
+        return (f"{_plural(stage.visual_tokens, 'image placeholder')} per sample in the sequence, "
+                f"{_plural(stage.media_tokens, 'visual token')} through the cross-attention blocks")
+    return f"{_plural(stage.visual_tokens, 'visual token')} per sample"
+
+
+def _sequence(stage: Any) -> str:
+    """The micro-batch's sequence shape and targets, in the terms of the language model's kind."""
+    if stage.kind == "encoder-decoder":
+        return (f"{stage.seq_len} encoder tokens per sample ({stage.visual_tokens} visual) + {stage.answer_len} decoder "
+                f"(answer) tokens, {stage.labelled:,} answer positions per micro-batch")
+    if stage.kind == "encoder":
+        return f"{stage.seq_len} tokens per sample ({stage.visual_tokens} visual), one answer class per sample"
+    return (f"{stage.seq_len} tokens per sample ({stage.visual_tokens} visual), {stage.labelled:,} labelled positions "
+            "per micro-batch")
+
+
 def _stage_lines(plan: Any, stage: Any) -> list[str]:
     hw, st, mem, other = plan.hardware, stage.stage, stage.memory, stage.other
     policy = ", ".join(f"{c.part} {c.policy}" for c in stage.counts if c.total)
@@ -60,8 +78,7 @@ def _stage_lines(plan: Any, stage: Any) -> list[str]:
     lines = [
         f"stage {st.name}: {policy}; {stage.stats.trainable:,} trainable ({share:.2f}%)",
         f"  batch: {st.batch_size} per step = {stage.micro} per GPU x {_plural(hw.gpus, 'GPU')} x {stage.accumulation} "
-        "accumulation; "
-        f"{stage.seq_len} tokens per sample ({stage.visual_tokens} visual), {stage.labelled:,} labelled positions per micro-batch",
+        f"accumulation; {_sequence(stage)}",
     ]
     on = "on (recipe)" if stage.checkpointing else "on"
     off = "off" if stage.checkpointing else "off (recipe)"

@@ -2,27 +2,29 @@
 
 The stage's meta-device model (see :mod:`.skeleton`) gets fake parameters (``FakeTensorMode``: shapes,
 dtypes and autograd, no data, no memory) and runs the trainer's path on a fake micro-batch: vision
-tower, connector, fusion, language model, the LM head on the labelled positions only and the
-cross-entropy (as :meth:`CausalLanguageModel.loss`), then ``backward()``. A dispatch mode records
-every storage the operators create and frees it when autograd and Python drop it, so the result is
-what autograd actually keeps for this architecture, trainability and attention implementation: for a
-trainable Llama layer on SDPA that is the norm inputs and outputs, q/k/v after RoPE, the attention
-output with its log-sum-exp, the residual sum and the four MLP intermediates (8·B·T·H + 4·B·T·I
-elements in the compute dtype); for a frozen layer that gradients cross, only what input gradients
-need (norm inputs, q/k/v, the attention output, three MLP intermediates; no linear-layer inputs);
-nothing for a frozen tower with nothing trainable before it; attention scores only when the model
-runs eager attention. The LM head's logits exist only at the labelled positions, with their float32
-log-softmax.
+tower, connector, fusion (the prefix splice, or the gated cross-attention blocks with their visual
+context), language model and the loss of its kind (:mod:`.losses`: decoder-only, encoder-decoder,
+encoder-only), then ``backward()``. A dispatch mode records every storage the operators create and
+frees it when autograd and Python drop it, so the result is what autograd actually keeps for this
+architecture, trainability and attention implementation: for a trainable Llama layer on SDPA that is
+the norm inputs and outputs, q/k/v after RoPE, the attention output with its log-sum-exp, the residual
+sum and the four MLP intermediates (8·B·T·H + 4·B·T·I elements in the compute dtype); for a frozen
+layer that gradients cross, only what input gradients need (norm inputs, q/k/v, the attention output,
+three MLP intermediates; no linear-layer inputs); nothing for a frozen tower with nothing trainable
+before it; attention scores only when the model runs eager attention. A decoder-only LM head's logits exist only at the labelled positions, with
+their float32 log-softmax; an encoder-decoder's at every answer position of the decoder.
 
 With gradient checkpointing the model's checkpointing is switched on as the trainer does (non-reentrant,
 per transformer layer), so what is kept is each layer's input, and the recomputation of one layer at a
-time shows up in the backward. transformers checkpoints only layers in training mode, and the trainer
-puts frozen parts in eval mode: a frozen language model that the connector's gradients cross keeps its
-activations in full, checkpointing or not, and the trace shows it.
+time shows up in the backward; the trainer also checkpoints the frozen (eval-mode) layers that the
+connector's gradients cross (:func:`vlmkit.training.trainer.enable_gradient_checkpointing`). The gated
+cross-attention blocks run as forward pre-hooks of the language model's layers, outside what is
+checkpointed (a layer's ``forward``), so they keep their activations with checkpointing on, and the
+trace shows that too.
 
-Checked against measured CPU memory by ``bench/plan_memory.py`` (within 0.1% on the tiny and a 22M
-configuration, with and without checkpointing). The trace takes a few seconds for a 7B model (its cost
-is per operator, not per byte).
+Checked against measured CPU memory by ``bench/plan_memory.py`` (decoder-only with prefix and with
+cross-attention fusion, and a Flan-T5 encoder-decoder; with and without checkpointing). The trace takes
+a few seconds for a 7B model (its cost is per operator, not per byte).
 
 FLOPs are counted on the same run with the formulas of :mod:`torch.utils.flop_counter`: the matmuls and
 convolutions of the forward (2·parameters·tokens for every layer on the path, plus attention), and the
@@ -39,7 +41,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -60,6 +61,8 @@ class MicroBatch:
             mixed precision or DeepSpeed's bf16); None keeps each parameter's own dtype.
         autocast: bf16 autocast around the forward (``train.precision: bf16``).
         checkpointing: activation checkpointing of the vision tower and language model layers.
+        answer_len: decoder tokens per row (encoder-decoder language models; ``seq_len`` is then the
+            encoder's input).
     """
 
     rows: int
@@ -69,6 +72,7 @@ class MicroBatch:
     param_dtype: str | None
     autocast: bool
     checkpointing: bool
+    answer_len: int = 0
 
 
 @dataclass
@@ -218,14 +222,18 @@ def trace_micro_batch(model: nn.Module, batch: MicroBatch) -> MicroBatchTrace:
 
     Raises:
         ValueError: the sequence cannot hold the micro-batch's visual tokens.
+        RegistryError: a language-model kind without a loss entry in :data:`~.losses.KIND_LOSSES`.
         RuntimeError: an operator of the model has no fake (meta) implementation.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vlmkit.planning.losses import KIND_LOSSES
 
     visual = batch.images_per_row * model.num_image_tokens
     if visual >= batch.seq_len:
         raise ValueError(f"a sequence of {batch.seq_len} tokens cannot hold {batch.images_per_row} image(s) x "
                          f"{model.num_image_tokens} visual tokens and any text; use a longer sequence (--seq-len)")
+    kind = KIND_LOSSES.get(model.language.spec.kind)
     model = copy.deepcopy(model)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     _fake_parameters(model, mode, DTYPES[batch.param_dtype] if batch.param_dtype else None)
@@ -233,19 +241,21 @@ def trace_micro_batch(model: nn.Module, batch: MicroBatch) -> MicroBatchTrace:
         enable_checkpointing(model)
     size, images = model.vision.image_size, batch.rows * batch.images_per_row
     hooks: list[Any] = []
+    # the images per row stay a real tensor: a fusion reads them as numbers (cross-attention lays out
+    # each row's visual context by them), which a fake tensor cannot give
+    counts = torch.full((batch.rows,), batch.images_per_row, dtype=torch.long)
     try:
         with mode:
             ids = torch.zeros(batch.rows, batch.seq_len, dtype=torch.long)
             is_image = torch.zeros(batch.rows, batch.seq_len, dtype=torch.bool)
-            counts = torch.full((batch.rows,), batch.images_per_row, dtype=torch.long)
             pixels = torch.empty(images, 3, size, size, dtype=model.vision.dtype) if images else None
-            positions = torch.zeros(batch.labelled, dtype=torch.long)
-            inputs = [t for t in (ids, is_image, counts, pixels, positions) if t is not None]
+            targets = kind.targets(batch)
+            inputs = [t for t in (ids, is_image, counts, pixels, targets) if t is not None]
             recorder = _Recorder([*model.parameters(), *model.buffers(), *inputs])
             hooks = [p.register_post_accumulate_grad_hook(recorder.mark_grad) for p in model.parameters() if p.requires_grad]
             with recorder:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=batch.autocast):
-                    loss = _loss(model, ids, is_image, pixels, counts, positions)
+                    loss = _loss(model, kind, ids, is_image, pixels, counts, targets)
                 stored, forward_flops = recorder.activations, recorder.flops
                 loss.backward()
                 del loss
@@ -258,24 +268,18 @@ def trace_micro_batch(model: nn.Module, batch: MicroBatch) -> MicroBatchTrace:
                            forward_flops=forward_flops, backward_flops=recorder.flops - forward_flops)
 
 
-def _loss(model: nn.Module, ids: torch.Tensor, is_image: torch.Tensor, pixels: torch.Tensor | None,
-          counts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The summed next-token loss of :meth:`CausalLanguageModel.loss` on fake inputs: the labelled
-    positions are given as ``positions`` (rows and columns alike; only their number matters)."""
+def _loss(model: nn.Module, kind: Any, ids: torch.Tensor, is_image: torch.Tensor, pixels: torch.Tensor | None,
+          counts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed training loss on fake inputs, as :meth:`VisionLanguageModel.forward` computes it: the
+    fused embeddings (held until the loss returns, as the model's forward holds them), then the loss
+    of the language model's kind (``kind``, a :class:`~vlmkit.planning.losses.KindLoss`)."""
+    embeds, extra = _fuse(model, ids, is_image, pixels, counts)
+    return kind.loss(model.language, embeds, extra, targets)
+
+
+def _fuse(model: nn.Module, ids: torch.Tensor, is_image: torch.Tensor, pixels: torch.Tensor | None,
+          counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Images through tower and connector, then the fusion, as :meth:`VisionLanguageModel.prepare`
+    (the connector's output is dropped once fused)."""
     features = model.encode_images(pixels) if pixels is not None else None
-    embeds, extra = model.fusion.embed(model.language, ids, is_image, features, counts)
-    del features
-    language = model.language
-    if language.spec.plain_head:
-        hidden = language.hidden_states(embeds, None, **extra)
-        del embeds
-        selected = hidden[:, :-1][positions, positions]
-        del hidden
-        logits = language.head(selected)
-        del selected
-    else:
-        full = language.logits(embeds, None, **extra)
-        del embeds
-        logits = full[:, :-1][positions, positions]
-        del full
-    return F.cross_entropy(logits.float(), positions, reduction="sum")
+    return model.fusion.embed(model.language, ids, is_image, features, counts)

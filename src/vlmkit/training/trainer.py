@@ -145,6 +145,9 @@ def enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
             for layer in hf.modules():
                 if isinstance(layer, GradientCheckpointingLayer) and "forward" not in vars(layer):
                     layer.forward = types.MethodType(_checkpointed_forward, layer)
+    fusion_enable = getattr(model.fusion, "gradient_checkpointing_enable", None)  # cross-attention blocks run in hooks
+    if fusion_enable is not None:
+        fusion_enable()
     model.language.hf_model.config.use_cache = False
 
 
