@@ -182,3 +182,12 @@ def train_fixed_batch(model, batch: dict, steps: int, lr: float = 1e-2) -> list[
         optimizer.step()
     model.eval()
     return losses
+
+
+def kept_for_backward(run) -> tuple[int, object]:
+    """``(bytes of the tensors autograd saves while run() computes, run()'s result)``: how much an
+    activation-checkpointed forward keeps compared with a plain one."""
+    kept: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+        result = run()
+    return sum(kept), result

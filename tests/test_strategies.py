@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_LM, TINY_VISION
+from conftest import kept_for_backward, TINY_LM, TINY_VISION
 from vlmkit.config import ConfigError, TrainConfig
 from vlmkit.training.strategies import fsdp_units, meta_copy, retie
 
@@ -152,11 +152,9 @@ def test_gradient_checkpointing_recomputes_the_cross_attention_blocks(tokenizer)
                 block.attn_gate.fill_(0.5)  # open gates, so every block parameter gets a gradient
         if checkpointing:
             enable_gradient_checkpointing(model)
-        kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
-            loss = model(**batch).loss
+        kept, loss = kept_for_backward(lambda: model(**batch).loss)
         loss.backward()
-        return sum(kept), [p.grad.clone() for p in model.fusion.parameters()]
+        return kept, [p.grad.clone() for p in model.fusion.parameters()]
 
     plain, plain_grads = kept_and_grads(False)
     ckpt, ckpt_grads = kept_and_grads(True)

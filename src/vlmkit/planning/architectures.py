@@ -69,6 +69,13 @@ def _clip_vision(image_size: int) -> dict[str, Any]:
             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 
 
+def _eva_vit_g() -> dict[str, Any]:
+    # BLIP-2's EVA ViT-g/14 with its last layer removed (39 of 40), as in every BLIP-2 checkpoint's vision_config
+    return {"model_type": "blip_2_vision_model", "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+            "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-6}
+
+
 for _arch in (
     KnownArchitecture("openai/clip-vit-large-patch14-336", "vision", _clip_vision(336), _HUB.format("openai/clip-vit-large-patch14-336"),
                       notes="LLaVA-1.5's tower: 577 tokens (24x24 patches + CLS)"),
@@ -83,16 +90,12 @@ for _arch in (
     KnownArchitecture(
         # BLIP-2's EVA ViT-g/14 (vision_config of Salesforce/blip2-opt-2.7b; the same tower in every BLIP-2)
         "Salesforce/blip2-opt-2.7b", "vision",
-        {"model_type": "blip_2_vision_model", "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
-         "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True, "hidden_act": "gelu",
-         "layer_norm_eps": 1e-6},
+        _eva_vit_g(),
         _HUB.format("Salesforce/blip2-opt-2.7b"), notes="the vision tower only (EVA ViT-g, 257 tokens)"),
     KnownArchitecture(
         # the same EVA ViT-g/14 (BLIP-2 FlanT5 checkpoints carry the vision_config of the OPT ones)
         "Salesforce/blip2-flan-t5-xl", "vision",
-        {"model_type": "blip_2_vision_model", "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
-         "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True, "hidden_act": "gelu",
-         "layer_norm_eps": 1e-6},
+        _eva_vit_g(),
         _HUB.format("Salesforce/blip2-flan-t5-xl"), notes="the vision tower only (EVA ViT-g, 257 tokens)"),
     KnownArchitecture("meta-llama/Llama-2-7b-chat-hf", "language", _llama(4096, 11008, 32, 32, 32, 32000, 4096),
                       _HUB.format("meta-llama/Llama-2-7b-chat-hf"), tokenizer_size=32000, notes="NeVA's language model"),

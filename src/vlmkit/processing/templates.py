@@ -12,6 +12,7 @@ chat template and finds assistant spans by rendering growing prefixes of the con
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,30 +239,18 @@ TEMPLATES.register(
         images_first=True, tokenizer_specials=True, stop=("{eos}",),
     ),
 )
-TEMPLATES.register(
-    "vicuna_v1",
-    FormatTemplate(
-        name="vicuna_v1", system="{content}", first_separator=" ", user="USER: {content} ", assistant_prefix="ASSISTANT:",
-        assistant=" {content}{eos}", bos=True, stop=("{eos}",),
-        default_system=(
-            "A chat between a curious user and an artificial intelligence assistant. "
-            "The assistant gives helpful, detailed, and polite answers to the user's questions."
-        ),
+VICUNA_V1 = FormatTemplate(
+    name="vicuna_v1", system="{content}", first_separator=" ", user="USER: {content} ", assistant_prefix="ASSISTANT:",
+    assistant=" {content}{eos}", bos=True, stop=("{eos}",),
+    default_system=(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
     ),
 )
-# Bunny's "bunny" and LLaVA-Phi's "phi_v0" conversation (the same string): Vicuna v1's wording with
-# the tokenizer's end-of-text as the turn end and no BOS (Phi-2's tokenizer has none of its own)
-TEMPLATES.register(
-    "bunny",
-    FormatTemplate(
-        name="bunny", system="{content}", first_separator=" ", user="USER: {content} ", assistant_prefix="ASSISTANT:",
-        assistant=" {content}{eos}", bos=False, stop=("{eos}",),
-        default_system=(
-            "A chat between a curious user and an artificial intelligence assistant. "
-            "The assistant gives helpful, detailed, and polite answers to the user's questions."
-        ),
-    ),
-)
+TEMPLATES.register("vicuna_v1", VICUNA_V1)
+# Bunny's "bunny" and LLaVA-Phi's "phi_v0" conversation (the same string): Vicuna v1's text with the
+# tokenizer's end-of-text as the turn end and no BOS (Phi-2's tokenizer has none of its own)
+TEMPLATES.register("bunny", dataclasses.replace(VICUNA_V1, name="bunny", bos=False))
 TEMPLATES.register(
     "llama3",
     FormatTemplate(
