@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from conftest import check_quality
+from conftest import TEST_SEED, check_quality
 from vlmkit.config import BENCHMARKS, load_recipe
 from vlmkit.data import Collator, ConversationDataset, load_source
 from vlmkit.models.connectors import CONNECTORS
@@ -89,13 +89,14 @@ def test_tiny_twin_trains_saves_answers_and_exports(name, tmp_path):
 
     recipe = load_recipe(name)
     twin = tiny_twin(recipe, tmp_path / "run", steps=2, rows=24)
+    twin.train.seed = TEST_SEED
     assert [s.policy for s in twin.stages] == [s.policy for s in recipe.stages]
     assert (twin.model.vision.encoder, twin.model.connector.type, twin.model.fusion.type, twin.model.language.backbone) == (
         recipe.model.vision.encoder, recipe.model.connector.type, recipe.model.fusion.type, recipe.model.language.backbone)
 
     # 1. each stage's policy on the twin, and a fixed batch it learns from
     sources = {s.name: load_source(s.data) for s in twin.stages}
-    set_seed(0)
+    set_seed(TEST_SEED)
     (tmp_path / "probe").mkdir()
     model, processor, _ = initial_model(twin, tmp_path / "probe", sources)
     for stage in twin.stages:
@@ -106,7 +107,7 @@ def test_tiny_twin_trains_saves_answers_and_exports(name, tmp_path):
         batch = {k: v for k, v in batch.items() if k not in ("num_skipped", "num_samples")}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
-        for step in range(12):
+        for step in range(20):
             loss = model(**batch).loss
             losses.append(float(loss))
             loss.backward()
@@ -114,7 +115,10 @@ def test_tiny_twin_trains_saves_answers_and_exports(name, tmp_path):
                 _policy_gradients(model, stage.policy)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        check_quality(f"twin {name} stage {stage.name}: loss after/before 12 steps on a fixed batch", losses[-1] / losses[0], below=0.995)
+        # measured on seeds 0-2 x kernel paths AVX2 / default, 1 thread (bench/test_quality.py, 6 runs per stage):
+        # 0.967-0.991 where only the connector trains (a frozen random LM bounds what it can change), 0.07-0.94
+        # where the LM, the Q-Former or the cross-attention blocks train; the bound is the claim: the loss falls
+        check_quality(f"twin {name} stage {stage.name}: loss after/before 20 steps on a fixed batch", losses[-1] / losses[0], below=1.0)
         for part in model.parts().values():
             from vlmkit.training.lora import merge_lora
 
