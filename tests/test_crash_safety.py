@@ -26,7 +26,6 @@ from test_distributed import weights
 from vlmkit.config import ConfigError, load_recipe
 from vlmkit.training.checkpoint import CheckpointError, list_checkpoints
 from vlmkit.training.run import run_training
-from vlmkit.training.trainer import TrainingStopped
 
 HERE = Path(__file__).parent
 STEPS = {"align": 6, "instruct": 4}

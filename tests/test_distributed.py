@@ -22,7 +22,7 @@ import yaml
 from conftest import TINY_VISION, tiny_recipe_dict, write_llava_data
 import processes
 from processes import free_port, torchrun
-from vlmkit.config import RecipeConfig, from_dict, load_recipe
+from vlmkit.config import load_recipe
 from vlmkit.training.checkpoint import list_checkpoints, read_trainer_state
 from vlmkit.training.run import run_training
 

@@ -46,7 +46,7 @@ from vlmkit.training.checkpoint import (
 )
 from vlmkit.training.metrics import MetricsLog, plot_loss
 from vlmkit.training.policy import apply_policy, format_policy, set_train_modes
-from vlmkit.training.strategies import Strategy, autocast, resolve_strategy
+from vlmkit.training.strategies import autocast, resolve_strategy
 
 log = logging.getLogger("vlmkit")
 
