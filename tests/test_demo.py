@@ -19,6 +19,12 @@ SHORT = [
     "stages.instruct.data.limit=15000", "stages.instruct.epochs=2",
     "eval.limit=800",
 ]
+# the second part (easyvqa-llava) is checked for training, export and transformers' answers, not accuracy:
+# a schedule a tenth of SHORT's keeps the test inside the suite's budget
+EXPORT_SHORT = [
+    "stages.align.data.limit=600", "stages.align.epochs=2",
+    "stages.instruct.data.limit=3000", "stages.instruct.epochs=1",
+]
 
 
 def _check_transformers_answers_like_vlmkit(exported, model_dir, n=48):
@@ -41,7 +47,8 @@ def _check_transformers_answers_like_vlmkit(exported, model_dir, n=48):
 @pytest.mark.slow
 def test_short_demo_schedule_learns(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output-dir", str(out), "--questions", "3", f"train.seed={TEST_SEED}", *SHORT]) == 0
+    assert main(["demo", "--output-dir", str(out), "--questions", "3", f"train.seed={TEST_SEED}", *SHORT,
+                 *(f"--export-override={o}" for o in EXPORT_SHORT)]) == 0
     printed = capsys.readouterr().out
     record = json.loads((out / "eval.json").read_text())
     assert record["task"] == "easyvqa" and record["title"] == "easy-VQA" and record["split"] == "test"

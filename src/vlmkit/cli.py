@@ -272,7 +272,8 @@ def _demo_export(args: argparse.Namespace) -> None:
 
     out = f"{args.output_dir.rstrip('/')}-llava"
     print(f"\nAn exportable model: {EXPORT_RECIPE}: {recipe_description(EXPORT_RECIPE)}")
-    recipe = load_recipe(EXPORT_RECIPE, [f"train.output_dir={out}", "train.export=[hf-llava]", *args.overrides])
+    recipe = load_recipe(EXPORT_RECIPE, [f"train.output_dir={out}", "train.export=[hf-llava]", *args.overrides,
+                                         *(args.export_override or [])])
     summary = run_training(recipe)
     _print_summary(summary)
     dst = summary.exports["hf-llava"]
@@ -456,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=4, help="how many of its questions to ask (default: %(default)s)")
     p.add_argument("--no-export", action="store_true",
                    help=f"skip the second part: training {EXPORT_RECIPE} and exporting it to the transformers LLaVA layout")
+    p.add_argument("--export-override", action="append", metavar="KEY=VALUE",
+                   help=f"a dotted override of the second part's recipe ({EXPORT_RECIPE}) only, applied after the shared "
+                        "ones; repeat the option for several (e.g. a shorter schedule: --export-override stages.align.epochs=2)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="evaluate a saved model on benchmarks",
