@@ -109,7 +109,7 @@ def test_tiny_twin_trains_saves_answers_and_exports(name, tmp_path):
         losses = []
         for step in range(20):
             loss = model(**batch).loss
-            losses.append(float(loss))
+            losses.append(loss.item())
             loss.backward()
             if step == 0:
                 _policy_gradients(model, stage.policy)

@@ -161,3 +161,13 @@ def test_gradient_checkpointing_recomputes_the_cross_attention_blocks(tokenizer)
     assert ckpt < 0.6 * plain, (ckpt, plain)
     for a, b in zip(plain_grads, ckpt_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cpus, local, requested, expected", [(2, 1, 2, 2), (2, 2, 2, 1), (2, 4, 2, 1), (8, 2, 2, 2),
+                                                              (8, 2, 8, 4), (16, 1, 1, 1)])
+def test_recipe_threads_are_capped_at_the_node_cpus_shared_by_its_processes(monkeypatch, cpus, local, requested, expected):
+    from vlmkit import distributed
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert distributed.threads_per_process(requested) == expected

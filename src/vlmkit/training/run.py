@@ -383,7 +383,11 @@ def restore_model(run_dir: str | Path, stage: str | None = None, before: bool = 
 def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, started: float) -> RunSummary:
     train = recipe.train
     if train.threads:
-        torch.set_num_threads(train.threads)
+        threads = dist.threads_per_process(train.threads)
+        if threads < train.threads:
+            log.warning("train.threads=%d x %d process(es) on this node exceed its %d CPUs: %d thread(s) per process",
+                        train.threads, dist.local_world_size(), dist.node_cpus(), threads)
+        torch.set_num_threads(threads)
     device = dist.device()
     sources = {s.name: load_source(s.data) for s in recipe.stages}
 
