@@ -191,3 +191,13 @@ def kept_for_backward(run) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
         result = run()
     return sum(kept), result
+
+
+def assert_checkpointing_recomputes(kept_and_grads, *, rtol: float, atol: float) -> None:
+    """``kept_and_grads(checkpointing) -> (bytes kept for backward, gradients)`` on a fresh model: with
+    checkpointing under 60% of the bytes are kept, and the gradients are the plain run's."""
+    plain, plain_grads = kept_and_grads(False)
+    ckpt, ckpt_grads = kept_and_grads(True)
+    assert ckpt < 0.6 * plain, (ckpt, plain)
+    for a, b in zip(plain_grads, ckpt_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)

@@ -88,6 +88,7 @@ def _rows_deepspeed() -> list[tuple[str, ...]]:
 def _rows_recipes() -> list[tuple[str, ...]]:
     from vlmkit.config import BENCHMARKS, load_recipe
     from vlmkit.planning import parameter_counts
+    from vlmkit.planning.report import count
     from vlmkit.recipes import list_recipes
 
     rows = []
@@ -96,17 +97,9 @@ def _rows_recipes() -> list[tuple[str, ...]]:
         published = recipe.published
         total = sum(parameter_counts(recipe.model).values())
         scores = ", ".join(f"{b} {published.scores[b]:g}" for b in BENCHMARKS if b in published.scores)
-        rows.append((name, published.system or recipe.description.split(".")[0], _human(total), published.gpus or "CPU",
+        rows.append((name, published.system or recipe.description.split(".")[0], count(total), published.gpus or "CPU",
                      scores or "-"))
     return rows
-
-
-def _human(n: int) -> str:
-    """``7.06B``, ``547.9K``: a parameter count at a glance."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.{2 if unit == 'B' else 1}f}{unit}"
-    return str(n)
 
 
 LISTS: dict[str, tuple[tuple[str, ...], Callable[[], list[tuple[str, ...]]]]] = {
