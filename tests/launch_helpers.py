@@ -4,7 +4,9 @@
 one launch, so the start-up (interpreter, torch, process group) is paid once. A job is
 ``{"argv": [...], "env": {...}}`` (``vlmkit.cli.main(argv)``; its exit code is recorded) or
 ``{"recipe": ..., "overrides": [...], "stop_after": N}`` (``run_training`` stopped after N steps).
-Rank 0 writes ``{"job name": exit code}`` to ``JOBS.json.result``.
+Rank 0 writes ``{"job name": exit code}`` to ``JOBS.json.result``. A job with ``"record_loading": true``
+also has every process record how it built the run's first model: ``{"meta": built without weights,
+"reads": transformers from_pretrained calls}`` in ``JOBS.json.loading.rank<r>``.
 
 ``python tests/launch_helpers.py faults [--kill-at-checkpoint N] [--step-delay S] -- vlmkit args``:
 ``vlmkit.cli.main`` with SIGKILL sent to itself while writing its N-th checkpoint (after the tensors,
@@ -29,10 +31,11 @@ def run_jobs(path: str) -> int:
     from vlmkit.training.trainer import TrainingInterrupted
 
     distributed.state()
-    results = {}
+    results, loading = {}, {}
     for name, job in json.loads(open(path).read()).items():
         saved = {k: os.environ.get(k) for k in job.get("env", {})}
         os.environ.update(job.get("env", {}))
+        restore = _record_loading(loading.setdefault(name, {})) if job.get("record_loading") else None
         try:
             if "argv" in job:
                 results[name] = main(job["argv"])
@@ -43,6 +46,8 @@ def run_jobs(path: str) -> int:
                 except TrainingInterrupted:
                     results[name] = "stopped"
         finally:
+            if restore is not None:
+                restore()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -52,7 +57,39 @@ def run_jobs(path: str) -> int:
     if distributed.is_main():
         with open(path + ".result", "w") as fh:
             json.dump(results, fh)
+    with open(f"{path}.loading.rank{distributed.rank()}", "w") as fh:
+        json.dump(loading, fh)
     return 0
+
+
+def _record_loading(record: dict):
+    """Count ``from_pretrained`` calls and note whether ``first_model`` built without weights, into
+    ``record``; returns the function that undoes the patches."""
+    import transformers
+
+    import vlmkit.training.run as run
+    from vlmkit.training.materialize import has_meta
+
+    record["reads"] = 0
+    original_first, original_load = run.first_model, transformers.PreTrainedModel.from_pretrained.__func__
+
+    def first_model(*args, **kwargs):
+        built = original_first(*args, **kwargs)
+        record["meta"] = has_meta(built[0])
+        return built
+
+    def from_pretrained(cls, *args, **kwargs):
+        record["reads"] += 1
+        return original_load(cls, *args, **kwargs)
+
+    run.first_model = first_model
+    transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+    def restore():
+        run.first_model = original_first
+        transformers.PreTrainedModel.from_pretrained = classmethod(original_load)
+
+    return restore
 
 
 def run_with_faults(args: list[str]) -> int:

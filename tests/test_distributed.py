@@ -57,6 +57,11 @@ def world(tmp_path_factory):
     recipe_file.write_text(yaml.safe_dump(recipe_dict(data, root / "unused")))
     reference = root / "reference"
     run_training(load_recipe(str(recipe_file), [f"train.output_dir={reference}"]), evaluate=False)
+    # the same from pretrained folders (a tower and a language model saved as transformers writes them)
+    pretrained_file = root / "pretrained.yaml"
+    pretrained_file.write_text(yaml.safe_dump(pretrained_recipe_dict(data, root)))
+    reference_pretrained = root / "reference-pretrained"
+    run_training(load_recipe(str(pretrained_file), [f"train.output_dir={reference_pretrained}"]), evaluate=False)
 
     def train(name: str, *overrides: str, env: dict | None = None) -> dict:
         evaluate = [] if any(o.startswith("eval.") for o in overrides) else ["--no-eval"]
@@ -76,6 +81,11 @@ def world(tmp_path_factory):
         "fsdp-stop": {"recipe": str(recipe_file), "stop_after": 2,
                       "overrides": [f"train.output_dir={root / 'fsdp-stop'}", "train.strategy=fsdp", "train.save_every=1"]},
         "bad-batch": train("bad-batch", "train.strategy=ddp", "stages.align.batch_size=7"),
+        # rank 1 builds the pretrained model without reading weights and gets rank 0's
+        "fsdp-pretrained": {"argv": ["train", str(pretrained_file), f"train.output_dir={root / 'fsdp-pretrained'}", "--no-eval",
+                                     "train.strategy=fsdp"], "record_loading": True},
+        "ddp-every-rank-reads": {"argv": ["train", str(pretrained_file), f"train.output_dir={root / 'ddp-every-rank-reads'}",
+                                          "--no-eval", "train.strategy=ddp", "train.rank0_loading=false"], "record_loading": True},
     }
     if HAS_DEEPSPEED:
         jobs["deepspeed-zero2-a2"] = train("deepspeed-zero2-a2", "train.strategy=deepspeed", "train.deepspeed=zero2", *accum2)
@@ -85,7 +95,24 @@ def world(tmp_path_factory):
     done = torchrun([str(HERE / "launch_helpers.py"), "jobs", str(jobs_file)], timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     results = json.loads((root / "jobs.json.result").read_text())
-    return {"root": root, "recipe": recipe_file, "reference": reference, "results": results, "output": done.stdout + done.stderr}
+    loading = [json.loads((root / f"jobs.json.loading.rank{r}").read_text()) for r in range(2)]
+    return {"root": root, "recipe": recipe_file, "reference": reference, "reference-pretrained": reference_pretrained,
+            "results": results, "loading": loading, "output": done.stdout + done.stderr}
+
+
+def pretrained_recipe_dict(data: Path, root: Path) -> dict:
+    """:func:`recipe_dict` with its tower and language model read from folders saved in ``root``."""
+    import transformers
+
+    r = recipe_dict(data, root / "unused")
+    torch.manual_seed(1)
+    vit = transformers.ViTModel(transformers.ViTConfig(**r["model"]["vision"].pop("config")))
+    vit.save_pretrained(root / "vit")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**r["model"]["language"].pop("config"), vocab_size=280))
+    llama.save_pretrained(root / "llama")  # fewer rows than the run's tokenizer: resized on load
+    r["model"]["vision"]["pretrained"] = str(root / "vit")
+    r["model"]["language"]["pretrained"] = str(root / "llama")
+    return r
 
 
 def losses(run: Path, stage: str) -> list[float]:
@@ -133,6 +160,21 @@ def test_two_processes_train_what_one_process_trains(world, job):
     assert f"{strategy} strategy" in log
     state = read_trainer_state(list_checkpoints(run / "stages" / "instruct" / "checkpoints")[-1])
     assert state["world_size"] == 2 and state["strategy"] == strategy and state["accumulation"] == accumulation
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_pretrained_weights_and_the_run_equals_one_process(world):
+    """``train.rank0_loading`` (the default): rank 1 builds the pretrained tower and language model on
+    the meta device from their configs, reads no weights, and trains what one process trains; with
+    the option off, every process reads them."""
+    for job in ("fsdp-pretrained", "ddp-every-rank-reads"):
+        assert world["results"][job] == 0, world["output"][-4000:]
+        assert_same_training(world["root"] / job, world["reference-pretrained"])
+    rank0, rank1 = (loading["fsdp-pretrained"] for loading in world["loading"])
+    assert rank0 == {"reads": 2, "meta": False} and rank1 == {"reads": 0, "meta": True}
+    assert [loading["ddp-every-rank-reads"] for loading in world["loading"]] == [{"reads": 2, "meta": False}] * 2
+    assert "rank 0 read the weights; the other 1 process(es) built the model without them" in (
+        world["root"] / "fsdp-pretrained" / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import torch
 
 from conftest import assert_checkpointing_recomputes, kept_for_backward, TINY_LM, TINY_VISION
 from vlmkit.config import ConfigError, TrainConfig
-from vlmkit.training.strategies import fsdp_units, meta_copy, retie
+from vlmkit.training.materialize import retie, tie_groups
+from vlmkit.training.strategies import fsdp_units, meta_copy
 
 #: the layer class FSDP must shard as a unit, per family / tower (their _no_split_modules)
 LM_UNITS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "phi": "PhiDecoderLayer", "mistral": "MistralDecoderLayer",
@@ -54,7 +55,7 @@ def test_the_meta_skeleton_takes_the_weights_back_with_ties_and_rotary_buffers(b
     assert all(p.is_meta for p in skeleton.parameters())
     assert not any(b.is_meta for name, b in skeleton.named_buffers() if "inv_freq" in name)
     skeleton.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    retie(skeleton)
+    retie(skeleton, tie_groups(model))
     lm = skeleton.language.hf_model
     assert lm.get_input_embeddings().weight is lm.get_output_embeddings().weight
     from test_training import one_batch
@@ -130,7 +131,7 @@ def test_a_copy_of_a_cross_attention_model_runs_its_own_blocks(tokenizer):
     before = model.eval()(**inputs).logits
     skeleton = meta_copy(model)
     skeleton.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    retie(skeleton)
+    retie(skeleton, tie_groups(model))
     torch.testing.assert_close(skeleton.eval()(**inputs).logits, before, rtol=0, atol=0)
     with torch.no_grad():
         for block in skeleton.fusion.blocks:

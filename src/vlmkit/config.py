@@ -374,6 +374,11 @@ class TrainConfig:
     """DeepSpeed config (``strategy: deepspeed``): a shipped one (``zero2``, ``zero3``, ``zero3-offload``;
     ``vlmkit list deepspeed``) or a JSON file. Its batch, accumulation, clipping and precision fields are
     filled from the recipe; values that contradict the recipe are refused."""
+    rank0_loading: bool = True
+    """Under a launcher with several processes, only rank 0 reads the pretrained weights; the others
+    build the model on the meta device and get rank 0's weights when the strategy wraps the model (host
+    memory: one copy per node instead of one per process). ``false``: every process reads them. Models
+    from ``model.pretrained`` are read by every process."""
 
     def __post_init__(self) -> None:
         _check_choice("train.strategy", self.strategy, STRATEGIES)

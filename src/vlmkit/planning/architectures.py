@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.config import ConfigError, ModelConfig
+from vlmkit.models.hf_config import checkpoint_tensor_names
 from vlmkit.registry import Registry
 
 
@@ -338,22 +339,6 @@ def saved_model_config(cfg: ModelConfig) -> ModelConfig:
     return read_model_config(folder)
 
 
-def _checkpoint_tensors(folder: Path) -> set[str]:
-    """Names of the tensors in a local checkpoint's safetensors files (read from their headers or the
-    index), without loading them."""
-    import struct
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text()).get("weight_map", {}))
-    names: set[str] = set()
-    for path in folder.glob("*.safetensors"):
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            names |= set(json.loads(f.read(size))) - {"__metadata__"}
-    return names
-
-
 def checkpoint_head_untied(cfg: ModelConfig) -> bool:
     """Whether the pretrained language checkpoint of ``cfg`` holds an output head of its own, which
     transformers then loads untied even for an architecture it builds tied from a config (T5 in
@@ -372,4 +357,4 @@ def checkpoint_head_untied(cfg: ModelConfig) -> bool:
     fields, _ = architecture_config(source, "language")
     if fields.get("tie_word_embeddings") is False:
         return True
-    return is_local(source) and "lm_head.weight" in _checkpoint_tensors(Path(source))
+    return is_local(source) and "lm_head.weight" in checkpoint_tensor_names(Path(source))

@@ -22,7 +22,8 @@ from torch import nn
 
 from vlmkit import distributed as dist
 from vlmkit.config import ConfigError
-from vlmkit.training.strategies import STRATEGIES, Strategy, meta_copy, retie
+from vlmkit.training.materialize import has_meta, retie, take_weights_from_rank0, tie_groups
+from vlmkit.training.strategies import STRATEGIES, Strategy, meta_copy
 
 log = logging.getLogger("vlmkit")
 
@@ -108,7 +109,10 @@ class DeepSpeedStrategy(Strategy):
         config = fill_config(config, micro * accumulation * dist.world_size(), micro, accumulation, max_grad_norm, self.train.precision)
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         dist.ensure_process_group()
+        if dist.any_process(has_meta(model)):  # built without weights on some process (train.rank0_loading)
+            take_weights_from_rank0(model)
         self.model = model
+        self._ties = tie_groups(model)
         self._skeleton = meta_copy(model)
         self._names = {id(p): n for n, p in model.named_parameters()}
         optimizer = torch.optim.AdamW(groups([(n, p) for n, p in model.named_parameters() if p.requires_grad]))
@@ -225,6 +229,6 @@ class DeepSpeedStrategy(Strategy):
         full = {k: v.to(reference[k].dtype) if k in reference else v for k, v in full.items()}
         plain = self._skeleton
         plain.load_state_dict(full, assign=True)
-        retie(plain)
+        retie(plain, self._ties)
         self.engine = self.module = self.model = None
         return plain

@@ -13,6 +13,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,11 +31,13 @@ from vlmkit.config import ConfigError, ModelConfig, RecipeConfig, save_yaml, to_
 from vlmkit.data import ConversationDataset, iter_texts, load_source
 from vlmkit.data.answers import answer_vocabulary
 from vlmkit.fileio import write_json_atomic
-from vlmkit.models.build import backbone_spec, build_model
 from vlmkit.formats import export_model, save_model
+from vlmkit.models.build import backbone_spec, build_model
+from vlmkit.models.hf_config import without_weights
 from vlmkit.processing.templates import TEMPLATES, template_markers
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.training.lora import merge_lora
+from vlmkit.training.materialize import first_difference, has_meta, structure, take_weights_from_rank0
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
 from vlmkit.training.trainer import batch_plan, train_stage
 
@@ -88,7 +91,7 @@ def _check_same_config(out: Path, recipe: RecipeConfig) -> None:
 
 #: settings that change how a run is executed, not what it computes: a run may resume with others
 #: (another strategy or process count, another micro-batch split, other checkpoint spacing)
-RUN_SETTINGS = ("train.strategy", "train.fsdp", "train.deepspeed", "train.threads", "train.progress", "train.log_every",
+RUN_SETTINGS = ("train.strategy", "train.fsdp", "train.deepspeed", "train.rank0_loading", "train.threads", "train.progress", "train.log_every",
                 "train.save_every", "train.keep_checkpoints")
 
 
@@ -315,6 +318,44 @@ def initial_model(recipe: RecipeConfig, out: Path, sources: dict | None = None) 
     return model, processor, recipe.model
 
 
+def first_model(recipe: RecipeConfig, out: Path, sources: dict) -> tuple[Any, Any, ModelConfig]:
+    """:func:`initial_model` for this process: under a launcher with several processes and
+    ``train.rank0_loading``, a process other than rank 0 builds the architecture on the meta device
+    without reading weights (:func:`~vlmkit.models.hf_config.without_weights`); the strategy later
+    gives it rank 0's (:mod:`vlmkit.training.materialize`). Collective under a launcher.
+
+    A process whose weightless build fails, or differs from rank 0's model in a parameter's or
+    buffer's name, shape, dtype or tying, reads the weights instead (with a warning naming the
+    difference): the result never depends on the shortcut.
+    """
+    if not (recipe.train.rank0_loading and dist.world_size() > 1) or recipe.model.pretrained:
+        return initial_model(recipe, out, sources)
+    tokenizer = _tokenizer(recipe, out, sources)  # collective: before the builds, which are not
+
+    def build(weights: bool) -> tuple[Any, Any, ModelConfig]:
+        with contextlib.nullcontext() if weights else without_weights():
+            model, processor = build_model(recipe.model, tokenizer)
+        return model, processor, recipe.model
+
+    built = None
+    if not dist.is_main():
+        try:
+            built = build(weights=False)
+        except Exception as exc:  # noqa: BLE001 - any failure of the shortcut falls back to the plain build
+            log.warning("rank %d: building the model without weights failed (%s: %s); reading the weights",
+                        dist.rank(), type(exc).__name__, exc)
+    if built is None:
+        built = build(weights=True)
+    reference = dist.broadcast_object(structure(built[0]) if dist.is_main() else None)
+    if has_meta(built[0]) and structure(built[0]) != reference:
+        log.warning("rank %d: the model built without weights differs from rank 0's (%s); reading the weights",
+                    dist.rank(), first_difference(structure(built[0]), reference))
+        built = build(weights=True)
+    log.info("train.rank0_loading: rank 0 read the weights; the other %d process(es) built the model without "
+             "them and receive rank 0's when the strategy wraps it", dist.world_size() - 1)
+    return built
+
+
 def check_exports(recipe: RecipeConfig, model: Any, processor: Any, model_cfg: ModelConfig) -> None:
     """Before the first step: every ``train.export`` format can express the model.
 
@@ -393,8 +434,9 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
 
     _ensure_answers(recipe, sources, out)
     set_seed(train.seed)
-    model, processor, model_cfg = initial_model(recipe, out, sources)
-    model.to(device)
+    model, processor, model_cfg = first_model(recipe, out, sources)
+    if not has_meta(model):  # (a model built without weights gets them when a strategy wraps it)
+        model.to(device)
     check_exports(recipe, model, processor, model_cfg)
     dist.agree(lambda: check_free_space(out, model, recipe))
     log.info("model: %s tower -> %s connector (%d visual tokens per image) -> %s LM; %s parameters%s",
@@ -407,8 +449,9 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
     for index, stage in enumerate(recipe.stages):
         folder = out / "stages" / stage.name
         if is_complete(folder):
-            apply_stage_output(model, folder)
-            model.to(device)
+            if not has_meta(model):  # a process without weights gets the stage's from rank 0 later
+                apply_stage_output(model, folder)
+                model.to(device)
             summary.stages[stage.name] = json.loads((folder / "stage.json").read_text()) | {"reused": True}
             log.info("stage %r: already complete, loaded its outputs from %s", stage.name, folder)
             continue
@@ -436,6 +479,8 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
             summary.seconds = time.perf_counter() - started
             return summary
 
+    if dist.any_process(has_meta(model)):  # no stage trained in this call: rank 0's completed stages to all
+        take_weights_from_rank0(model)
     summary.model_dir = out / "model"
     if dist.is_main():
         save_model(model, processor, model_cfg, out / "model")

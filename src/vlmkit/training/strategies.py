@@ -28,6 +28,7 @@ from torch import nn
 from vlmkit import distributed as dist
 from vlmkit.config import ConfigError, TrainConfig
 from vlmkit.registry import Registry
+from vlmkit.training.materialize import allocate, retie, take_weights_from_rank0, tie_groups
 
 log = logging.getLogger("vlmkit")
 
@@ -145,6 +146,7 @@ class DDPStrategy(Strategy):
         from torch.nn.parallel import DistributedDataParallel
 
         self.model = model
+        allocate(model)  # built without weights (train.rank0_loading): DDP's constructor copies rank 0's in
         if dist.initialized():
             dev = dist.device()
             self.module = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -191,10 +193,12 @@ class FSDPStrategy(Strategy):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         self.model = model
-        self._skeleton = meta_copy(model)
         dist.ensure_process_group()
-        if dist.world_size() > 1:
-            broadcast_module(model)  # every shard must come from the same weights (FSDP1's sync_module_states)
+        # every shard must come from the same weights (FSDP1's sync_module_states); processes that built
+        # the model without weights (train.rank0_loading) allocate it first
+        take_weights_from_rank0(model)
+        self._ties = tie_groups(model)
+        self._skeleton = meta_copy(model)
         options = self.train.fsdp
         kwargs: dict[str, Any] = {"mesh": self._mesh(), "reshard_after_forward": options.reshard_after_forward}
         if self.train.precision == "bf16":
@@ -232,7 +236,7 @@ class FSDPStrategy(Strategy):
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
         plain = self._skeleton
         plain.load_state_dict(full, assign=True)
-        retie(plain)
+        retie(plain, self._ties)
         self.model = self.module = None
         return plain
 
@@ -250,21 +254,6 @@ def meta_copy(model: nn.Module) -> nn.Module:
                 keep = name in module._non_persistent_buffers_set
                 memo[id(b)] = b.clone() if keep else torch.empty_like(b, device="meta")
     return copy.deepcopy(model, memo)
-
-
-def retie(model: nn.Module) -> None:
-    """Re-tie weights that loading with ``assign=True`` separated (input and output embeddings)."""
-    for module in model.modules():
-        tie = getattr(module, "tie_weights", None)
-        if callable(tie) and hasattr(module, "config") and hasattr(module, "get_input_embeddings"):
-            tie()
-
-
-def broadcast_module(model: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every process."""
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            torch.distributed.broadcast(t.data, src=0)
 
 
 def fsdp_units(model: nn.Module, names: list[str] | None) -> list[nn.Module]:

@@ -238,8 +238,8 @@ def build_language_model(
             auto, pretrained, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code, **adapter.model_kwargs
         )
         resized = vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings
-        if resized:
-            model.resize_token_embeddings(vocab_size)
+        if resized:  # (on the meta device no values exist to draw the new rows from: resize only)
+            model.resize_token_embeddings(vocab_size, mean_resizing=not model.get_input_embeddings().weight.is_meta)
     else:
         resized = False
         config_cls, fields = _from_scratch_fields(spec, preset, config, special_tokens or {})
