@@ -147,9 +147,15 @@ def test_lora_counts_equal_peft(tokenizer):
     assert plan.stages[0].stats.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_llava15_7b_fits_on_8_gpus_with_its_checkpointing():
-    plan = plan_recipe("llava15-7b", [], PlanOptions(gpus=8, gpu_memory=parse_memory("80GiB"), stages=["finetune"],
+@pytest.fixture(scope="module")
+def llava_finetune_plan():
+    """llava15-7b's finetune stage on 8 x 80 GiB (planned offline, on the meta device)."""
+    return plan_recipe("llava15-7b", [], PlanOptions(gpus=8, gpu_memory=parse_memory("80GiB"), stages=["finetune"],
                                                        compare_checkpointing=False))
+
+
+def test_llava15_7b_fits_on_8_gpus_with_its_checkpointing(llava_finetune_plan):
+    plan = llava_finetune_plan
     stage = plan.stages[0]
     counts = {c.part: c.total for c in stage.counts}
     # CLIP ViT-L/14-336 + mlp2x_gelu + Vicuna-7B with one embedding row grown for <image>
@@ -292,3 +298,30 @@ def test_advice_when_a_stage_does_not_fit(tiny_plan):
     assert not plan.fits and "gradient_checkpointing=true" in advice and "micro_batch_size=4" in advice
     assert device_memory(stage.stats, plan.setup, small, stage.trace, stage.accumulation, stage.memory.batch).peak == pytest.approx(stage.memory.peak)
     assert torch.get_default_device().type == "cpu"  # no meta device left set globally
+
+
+def test_the_whole_model_on_each_gpu_before_fsdp_shards_it_can_be_the_peak(tiny_plan, llava_finetune_plan):
+    """FSDP allocates the whole model on every device before sharding it (start of each stage) and
+    DeepSpeed copies it out of its engine at the end of a stage: with many GPUs and a small micro-batch
+    that moment, not the step, sets the peak, and the advice says so instead of offering smaller batches."""
+    from vlmkit.planning.advice import add_advice
+    from vlmkit.planning.memory import HANDOVER, scaled_trace
+
+    stats = tiny_plan.stages[0].stats
+    fsdp, ddp = _state(stats, "fsdp", 64), _state(stats, "ddp", 64)
+    assert fsdp.handover == stats.weight_bytes + stats.buffer_bytes and ddp.handover == 0
+    zero2 = _state(stats, "deepspeed", 4, deepspeed="zero2", zero=read_zero_config("zero2"))
+    # bf16 weights held by the engine, its optimizer and gradient partitions, then a bf16 clone and fp32 trainables
+    assert zero2.handover == zero2.weights + zero2.optimizer + zero2.gradients + 2 * stats.total + 4 * stats.trainable
+
+    # LLaVA-1.5-7B's finetune stage (fp32 weights, FSDP) on 128 GPUs at one sample per GPU
+    stage = copy.copy(llava_finetune_plan.stages[0])
+    setup, trace = llava_finetune_plan.setup, scaled_trace(stage.trace, 1 / stage.micro)
+    memory = device_memory(stage.stats, setup, Hardware(128, 16, 80 * GB), trace, 1, stage.memory.batch / stage.micro)
+    whole = stage.stats.weight_bytes + stage.stats.buffer_bytes
+    assert setup.strategy == "fsdp" and memory.phase == HANDOVER and memory.peak == whole > 27 * GB
+    stage.memory = memory
+    small = Hardware(128, 16, int(whole * 0.9))
+    plan = dataclasses.replace(llava_finetune_plan, hardware=small, stages=[stage], flags=[], notes=[])
+    add_advice(plan, PlanOptions(gpus=128, gpu_memory=small.gpu_memory))
+    assert any("whole model" in line and "before FSDP shards it" in line for line in stage.advice), stage.advice

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 from collections.abc import Callable
 
-from vlmkit.planning.memory import device_memory, scaled_trace
+from vlmkit.planning.memory import HANDOVER, device_memory, scaled_trace
 from vlmkit.planning.parameters import parameter_stats
 from vlmkit.planning.report import gb
 from vlmkit.planning.sharding import SHARDING, Setup, read_zero_config
@@ -144,6 +144,17 @@ def _estimate(plan, stage, *, setup: Setup | None = None, trace=None, stats=None
 
 def _fits(plan, memory) -> bool:
     return memory.peak <= plan.hardware.gpu_memory
+
+
+@ADVICE.register("handover")
+def _handover(plan, stage, options):
+    if stage.memory.phase != HANDOVER:
+        return None
+    if plan.setup.strategy == "fsdp":
+        return (f"the peak is the whole model ({gb(stage.memory.peak)}) on every GPU before FSDP shards it, whatever the "
+                "batch: a smaller model.dtype (bfloat16 weights), or GPUs with more memory")
+    return (f"the peak ({gb(stage.memory.peak)}) is DeepSpeed's copy of the whole model out of its engine at the end of the "
+            "stage: train.strategy=fsdp, or GPUs with more memory")
 
 
 @ADVICE.register("checkpointing")

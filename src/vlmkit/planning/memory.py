@@ -9,7 +9,10 @@ top of that, at different times:
   and buckets;
 * the optimizer step: the gradients and the step's temporaries.
 
-The peak is the larger of the two phases. CUDA's own context (~0.5-1 GB) and allocator fragmentation
+Outside the steps, a strategy may hold the whole model while it is handed in or out (FSDP before it
+shards, DeepSpeed when it copies the model out of its engine: :attr:`DeviceState.handover`).
+
+The peak is the largest of these phases. CUDA's own context (~0.5-1 GB) and allocator fragmentation
 are not included.
 """
 
@@ -20,6 +23,10 @@ from dataclasses import dataclass
 from vlmkit.planning.parameters import ParameterStats
 from vlmkit.planning.sharding import SHARDING, DeviceState, Hardware, Setup
 from vlmkit.planning.trace import MicroBatchTrace
+
+
+#: the phase name of a peak that falls outside the steps, when the strategy holds the whole model
+HANDOVER = "hand-over of the whole model (FSDP before sharding; DeepSpeed's copy out of its engine)"
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ class DeviceMemory:
             temporaries and new gradients at the strategy's share), gathered parameters included.
         peak: weights + optimizer + buffers + batch + the larger of ``forward_backward`` and the
             optimizer step (gradients + its temporaries).
-        phase: where the peak falls (``backward`` or ``optimizer step``).
+        phase: where the peak falls (``backward``, ``optimizer step`` or :data:`HANDOVER`).
     """
 
     state: DeviceState
@@ -72,8 +79,11 @@ def device_memory(stats: ParameterStats, setup: Setup, hw: Hardware, trace: Micr
     step = state.gradients + state.step
     resident = state.weights + state.optimizer + state.buffers + batch
     phase = "backward" if forward_backward >= step else "optimizer step"
+    peak = resident + max(forward_backward, step)
+    if state.handover > peak:
+        phase, peak = HANDOVER, state.handover
     return DeviceMemory(state=state, batch=batch, stored=trace.stored, forward_backward=forward_backward,
-                        peak=resident + max(forward_backward, step), phase=phase)
+                        peak=peak, phase=phase)
 
 
 def scaled_trace(trace: MicroBatchTrace, factor: float) -> MicroBatchTrace:

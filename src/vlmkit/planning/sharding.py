@@ -137,6 +137,11 @@ class DeviceState:
             shards are float32).
         compute_dtype: the parameters' dtype during forward and backward.
         host: bytes of host memory per process (offloaded state).
+        handover: the most the device holds while the whole model is handed into or out of the
+            strategy, outside the steps: FSDP allocates the whole model on every device before it shards
+            it (at the start of each stage); DeepSpeed copies the model out of its engine at the end of a
+            stage while its optimizer and gradient partitions are still held. 0 where the model is never
+            whole beyond what the steps hold (one process, DDP).
     """
 
     weights: float
@@ -149,6 +154,7 @@ class DeviceState:
     grad_scale: float
     compute_dtype: str
     host: float = 0.0
+    handover: float = 0.0
 
 
 class ShardingModel(abc.ABC):
@@ -229,7 +235,8 @@ class FullyShardedDataParallel(ShardingModel):
         traced = max(stats.trainable * cb, 1)  # the micro-batch's gradients, computed in the compute dtype
         return DeviceState(weights=weights + stats.buffer_bytes, lora=lora, gradients=grads, optimizer=optim, buffers=0.0,
                            gathered=gathered, step=step, grad_scale=stats.trainable_bytes / traced / n,
-                           compute_dtype=self.compute_dtype(setup), host=host)
+                           compute_dtype=self.compute_dtype(setup), host=host,
+                           handover=float(stats.weight_bytes + stats.buffer_bytes))
 
 
 class ZeroRedundancy(ShardingModel):
@@ -272,9 +279,13 @@ class ZeroRedundancy(ShardingModel):
         if param_host:
             host += weights
             weights, lora = 0.0, 0.0
+        # the copy out of the engine: every tensor cloned (under ZeRO-3 while gathered), the trainable ones
+        # also as fp32 from their masters, next to the optimizer and gradient partitions
+        copies = stats.total * cb * (2 if stage == 3 else 1) + FP32 * stats.trainable
         return DeviceState(weights=weights + stats.buffer_bytes, lora=lora, gradients=grads, optimizer=optim, buffers=0.0,
                            gathered=gathered + bucket_bytes, step=step, grad_scale=(1 / n if stage >= 2 else 1.0),
-                           compute_dtype=self.compute_dtype(setup), host=host)
+                           compute_dtype=self.compute_dtype(setup), host=host,
+                           handover=weights + stats.buffer_bytes + optim + grads + copies)
 
 
 for _model in (Replicated(), DistributedDataParallel(), FullyShardedDataParallel(), ZeroRedundancy()):

@@ -5,7 +5,8 @@ weights; every other process builds the same architecture on the meta device (no
 :func:`vlmkit.models.hf_config.without_weights`), so a node holds one copy of the weights in host memory
 instead of one per process. When a strategy wraps the model, those processes allocate it on their
 device (:func:`allocate`) and receive rank 0's parameters and buffers (:func:`take_weights_from_rank0`;
-DDP's constructor does the copy itself).
+DDP's constructor does the copy itself). FSDP hands a stage's model back the same way: gathered into
+rank 0's host memory, on the meta device elsewhere.
 
 Allocation and copies go by tensor, so weights that are tied (one tensor under several names, such as
 input embeddings and output head) must be tied again afterwards: :func:`tie_groups` records them and
@@ -68,9 +69,10 @@ def retie(model: nn.Module, groups: list[list[str]]) -> None:
 
 
 def allocate(model: nn.Module) -> None:
-    """Give a model built on the meta device uninitialised storage on this process's device (ties kept);
-    a model with storage is left alone. The values must come from elsewhere (rank 0)."""
+    """Put ``model`` on this process's device: one with storage is moved there, one on the meta device
+    gets uninitialised storage there (ties kept), whose values must come from elsewhere (rank 0)."""
     if not has_meta(model):
+        model.to(dist.device())
         return
     groups = tie_groups(model)
     model.to_empty(device=dist.device())

@@ -466,6 +466,8 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
         log.info("stage %r: %d samples, %s", stage.name, len(dataset), stage.policy)
         result = train_stage(model, dataset, stage, train, folder, stop_left, stage.data.num_workers)
         model = result.model
+        if not has_meta(model):  # (FSDP hands the model back in rank 0's host memory, on the meta device elsewhere)
+            model.to(device)
         stop_left = None
         if dist.is_main():
             save_stage_output(model, stage.policy, folder, result)
@@ -479,7 +481,8 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
             summary.seconds = time.perf_counter() - started
             return summary
 
-    if dist.any_process(has_meta(model)):  # no stage trained in this call: rank 0's completed stages to all
+    # processes without weights (built without them, or handed back so by FSDP) get rank 0's for the evaluation
+    if eval_run is not None and dist.any_process(has_meta(model)):
         take_weights_from_rank0(model)
     summary.model_dir = out / "model"
     if dist.is_main():

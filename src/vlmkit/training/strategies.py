@@ -229,14 +229,19 @@ class FSDPStrategy(Strategy):
         return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
 
     def unwrap(self) -> nn.Module:
-        """Gather the full weights on every process into a plain copy of the model (built on the meta
-        device before sharding, so it costs no memory until filled)."""
+        """The plain model: a copy built on the meta device before sharding, which rank 0 fills with the
+        full weights gathered tensor by tensor into host memory; on the other processes it stays on the
+        meta device (no memory) until the next stage's strategy or the end of the run gives them rank 0's
+        weights (:func:`~vlmkit.training.materialize.take_weights_from_rank0`). The optimizer is dropped
+        first, so the end of a stage holds no more than the shards on any device."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        self.optimizer = self.scheduler = None
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         plain = self._skeleton
-        plain.load_state_dict(full, assign=True)
-        retie(plain, self._ties)
+        if full:  # rank 0 (full_state_dict with cpu_offload gives the other ranks nothing)
+            plain.load_state_dict(full, assign=True)
+            retie(plain, self._ties)
         self.model = self.module = None
         return plain
 
