@@ -68,11 +68,19 @@ def retie(model: nn.Module, groups: list[list[str]]) -> None:
             setattr(model.get_submodule(owner), attr, param)
 
 
+def to_device(model: nn.Module) -> bool:
+    """Move ``model`` to this process's device unless it is (partly) on the meta device, which has no
+    values to move (see :func:`allocate`). Returns whether it was moved."""
+    if has_meta(model):
+        return False
+    model.to(dist.device())
+    return True
+
+
 def allocate(model: nn.Module) -> None:
     """Put ``model`` on this process's device: one with storage is moved there, one on the meta device
     gets uninitialised storage there (ties kept), whose values must come from elsewhere (rank 0)."""
-    if not has_meta(model):
-        model.to(dist.device())
+    if to_device(model):
         return
     groups = tie_groups(model)
     model.to_empty(device=dist.device())

@@ -37,7 +37,7 @@ from vlmkit.models.hf_config import without_weights
 from vlmkit.processing.templates import TEMPLATES, template_markers
 from vlmkit.processing.tokenizer import load_tokenizer
 from vlmkit.training.lora import merge_lora
-from vlmkit.training.materialize import first_difference, has_meta, structure, take_weights_from_rank0
+from vlmkit.training.materialize import first_difference, has_meta, structure, take_weights_from_rank0, to_device
 from vlmkit.training.stage_output import apply_stage_output, is_complete, save_stage_output
 from vlmkit.training.trainer import batch_plan, train_stage
 
@@ -337,22 +337,25 @@ def first_model(recipe: RecipeConfig, out: Path, sources: dict) -> tuple[Any, An
             model, processor = build_model(recipe.model, tokenizer)
         return model, processor, recipe.model
 
-    built = None
+    built, fallback = None, None
     if not dist.is_main():
         try:
             built = build(weights=False)
         except Exception as exc:  # noqa: BLE001 - any failure of the shortcut falls back to the plain build
-            log.warning("rank %d: building the model without weights failed (%s: %s); reading the weights",
-                        dist.rank(), type(exc).__name__, exc)
+            fallback = f"building it without weights failed ({type(exc).__name__}: {exc})"
     if built is None:
         built = build(weights=True)
-    reference = dist.broadcast_object(structure(built[0]) if dist.is_main() else None)
-    if has_meta(built[0]) and structure(built[0]) != reference:
-        log.warning("rank %d: the model built without weights differs from rank 0's (%s); reading the weights",
-                    dist.rank(), first_difference(structure(built[0]), reference))
+    mine = structure(built[0])
+    reference = dist.broadcast_object(mine if dist.is_main() else None)
+    if has_meta(built[0]) and mine != reference:
+        fallback = f"the model built without weights differs from rank 0's ({first_difference(mine, reference)})"
         built = build(weights=True)
+    # the warnings are logged where the user sees them (the main process), not only on the rank concerned
+    fallbacks = [(r, why) for r, why in enumerate(dist.gather_objects(fallback)) if why]
+    for r, why in fallbacks:
+        log.warning("train.rank0_loading: rank %d read the weights: %s", r, why)
     log.info("train.rank0_loading: rank 0 read the weights; the other %d process(es) built the model without "
-             "them and receive rank 0's when the strategy wraps it", dist.world_size() - 1)
+             "them and receive rank 0's when the strategy wraps it", dist.world_size() - 1 - len(fallbacks))
     return built
 
 
@@ -429,14 +432,12 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
             log.warning("train.threads=%d x %d process(es) on this node exceed its %d CPUs: %d thread(s) per process",
                         train.threads, dist.local_world_size(), dist.node_cpus(), threads)
         torch.set_num_threads(threads)
-    device = dist.device()
     sources = {s.name: load_source(s.data) for s in recipe.stages}
 
     _ensure_answers(recipe, sources, out)
     set_seed(train.seed)
     model, processor, model_cfg = first_model(recipe, out, sources)
-    if not has_meta(model):  # (a model built without weights gets them when a strategy wraps it)
-        model.to(device)
+    to_device(model)
     check_exports(recipe, model, processor, model_cfg)
     dist.agree(lambda: check_free_space(out, model, recipe))
     log.info("model: %s tower -> %s connector (%d visual tokens per image) -> %s LM; %s parameters%s",
@@ -451,7 +452,7 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
         if is_complete(folder):
             if not has_meta(model):  # a process without weights gets the stage's from rank 0 later
                 apply_stage_output(model, folder)
-                model.to(device)
+                to_device(model)
             summary.stages[stage.name] = json.loads((folder / "stage.json").read_text()) | {"reused": True}
             log.info("stage %r: already complete, loaded its outputs from %s", stage.name, folder)
             continue
@@ -466,8 +467,7 @@ def _run(recipe: RecipeConfig, out: Path, only_stages, stop_after, eval_run, sta
         log.info("stage %r: %d samples, %s", stage.name, len(dataset), stage.policy)
         result = train_stage(model, dataset, stage, train, folder, stop_left, stage.data.num_workers)
         model = result.model
-        if not has_meta(model):  # (FSDP hands the model back in rank 0's host memory, on the meta device elsewhere)
-            model.to(device)
+        to_device(model)  # (FSDP hands it back in rank 0's host memory, on the meta device elsewhere)
         stop_left = None
         if dist.is_main():
             save_stage_output(model, stage.policy, folder, result)
